@@ -1,0 +1,382 @@
+"""Typed run configuration: dataclasses loaded from YAML, strict, overridable from the command line.
+
+Every field has a default and a comment saying what it means; `configs/` holds complete examples.
+Errors are raised as `ConfigError` before any process group starts, and name the file, key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import signal
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file, key or value is wrong; the message says which and what to do."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # run directory is <output_dir>/<name>
+    output_dir: str = "runs"
+    seed: int = 0  # every rank and DataLoader worker derives its own seed from this one
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo otherwise
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # cpu forces CPU/gloo, e.g. to debug on a GPU machine
+    timeout_s: float = 600.0  # process-group (collective) timeout; a stuck rank fails after this
+    bucket_cap_mb: float = 25.0  # DDP gradient bucket size
+    find_unused_parameters: bool = False
+    static_graph: bool = False
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm (statistics over the global batch)
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/digits.h5"  # HDF5 file with the training split (and the validation split unless val_path)
+    val_path: Optional[str] = None  # separate HDF5 file for validation
+    train_group: str = "train"  # group inside the file holding the split; "" for the file root
+    val_group: str = "val"
+    images_key: str = "images"
+    labels_key: str = "labels"
+    layout: Literal["auto", "NCHW", "NHWC"] = "auto"  # auto: the file's `layout` attribute, else NCHW
+    create_if_missing: Optional[Literal["digits"]] = None  # build the demo file when `path` does not exist
+    allow_external_storage: bool = False  # permit external links, external storage, virtual datasets
+    shuffle: Literal["chunk", "full", "none"] = "chunk"  # chunk: contiguous blocks, shuffled (fast on HDF5)
+    block_size: int = 0  # rows per shuffled block; 0: the dataset's chunk length
+    shuffle_window: int = 8  # blocks whose rows are shuffled together in chunk mode
+    drop_last: bool = False  # drop the ragged tail instead of padding it with repeated samples
+    in_memory: bool = False  # load the split into shared RAM once (small datasets)
+    num_workers: int = 2
+    pin_memory: Optional[bool] = None  # None: on when the device is CUDA
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+    multiprocessing_context: Optional[Literal["fork", "spawn", "forkserver"]] = None
+    mean: list[float] = field(default_factory=lambda: [0.5])  # normalization, applied on the device
+    std: list[float] = field(default_factory=lambda: [0.5])
+    random_crop_padding: int = 0  # train augmentation: pad then random crop; 0 disables
+    horizontal_flip: bool = False  # train augmentation
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"  # small_cnn, or any torchvision classification model name (e.g. resnet18)
+    num_classes: int = 10
+    in_channels: int = 1
+    channels_last: bool = False  # memory format for convolutional nets (faster with AMP on GPUs)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1  # peak learning rate, reached after warmup
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = True  # SGD only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW only
+    eps: float = 1e-8  # AdamW only
+    weight_decay: float = 5e-4  # not applied to biases and normalization weights
+    grad_clip_norm: Optional[float] = None  # clip the global gradient norm; None disables
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["constant", "step", "cosine"] = "cosine"
+    warmup_epochs: float = 0.0  # linear warmup from warmup_start_factor * lr, in epochs (fractions allowed)
+    warmup_start_factor: float = 0.1
+    min_lr: float = 0.0  # cosine floor
+    step_epochs: int = 30  # step: multiply by gamma every step_epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64  # per process, per micro-step
+    val_batch_size: int = 256  # per process
+    accum_steps: int = 1  # micro-batches per optimizer step
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke tests, debugging)
+    log_every_steps: int = 20  # optimizer steps between log lines / scalars
+    val_every_epochs: int = 1
+    resume: str = "auto"  # auto: newest complete checkpoint in the run directory; never; or a checkpoint path
+    on_nonfinite: Literal["skip", "stop"] = "skip"  # what to do with a NaN/Inf loss on any rank
+    detect_anomaly: bool = False  # torch.autograd anomaly detection (slow; for debugging)
+    cudnn_benchmark: bool = True
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+
+
+@dataclass
+class AmpConfig:
+    enabled: bool = False
+    dtype: Literal["bf16", "fp16"] = "bf16"  # fp16 uses a GradScaler
+
+
+@dataclass
+class SwaConfig:
+    enabled: bool = False
+    start: float = 0.75  # first averaged epoch: an epoch index if >= 1, else a fraction of train.epochs
+    lr: float = 0.01  # SWALR target learning rate
+    anneal_epochs: int = 1
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+
+
+@dataclass
+class CompileConfig:
+    enabled: bool = False
+    mode: Optional[str] = None  # torch.compile mode: default, reduce-overhead, max-autotune
+    backend: str = "inductor"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also save every N optimizer steps; 0 disables
+    every_epochs: int = 1  # save at the end of every N epochs; 0 disables
+    keep_last: int = 3  # periodic checkpoints kept (older ones are deleted after a newer one is complete)
+    best_metric: Optional[str] = "val_acc"  # also keep the best checkpoint by this metric; None disables
+    best_mode: Literal["max", "min"] = "max"
+
+
+@dataclass
+class PreemptionConfig:
+    signals: list[str] = field(default_factory=lambda: ["SIGUSR2", "SIGTERM"])  # checkpoint and stop on these
+    requeue_marker: str = "REQUEUE"  # file written in the run directory when a stop asks to be requeued
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    amp: AmpConfig = field(default_factory=AmpConfig)
+    swa: SwaConfig = field(default_factory=SwaConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, strictly.
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(value, non_none[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, where)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported config annotation {annotation!r}")
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(
+                f"unknown key '{path}': {_suggest(str(key), names)}valid keys here are: {', '.join(names)}"
+            )
+        kwargs[key] = _convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.epochs=3` -> ("train.epochs", 3); the value is read as YAML (numbers, true/false, null, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key, value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply `key=value` overrides, build and validate."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {source} does not exist; pass the path of a YAML file (see configs/)")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source} is not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {source}: top level must be a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        cfg = _build(Config, tree, "")
+        validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. the copy stored in a checkpoint)."""
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Value checks: impossible values are refused here, before any process starts talking to another.
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {what}")
+
+
+def validate(cfg: Config) -> None:
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name,
+             "must be a non-empty directory name without '/'")
+    _require(cfg.distributed.timeout_s > 0, "distributed.timeout_s", cfg.distributed.timeout_s, "must be > 0")
+    _require(cfg.distributed.bucket_cap_mb > 0, "distributed.bucket_cap_mb", cfg.distributed.bucket_cap_mb,
+             "must be > 0")
+    _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    _require(t.val_batch_size >= 1, "train.val_batch_size", t.val_batch_size, "must be >= 1")
+    _require(t.accum_steps >= 1, "train.accum_steps", t.accum_steps, "must be >= 1")
+    _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1 or null")
+    _require(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "must be >= 1")
+    _require(t.val_every_epochs >= 1, "train.val_every_epochs", t.val_every_epochs, "must be >= 1")
+    _require(t.resume in ("auto", "never") or Path(t.resume).is_file(), "train.resume", t.resume,
+             "must be 'auto', 'never' or the path of an existing checkpoint file")
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+             "must be two numbers in [0, 1)")
+    _require(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _require(o.grad_clip_norm is None or o.grad_clip_norm > 0, "optim.grad_clip_norm", o.grad_clip_norm,
+             "must be > 0 or null")
+    s = cfg.schedule
+    _require(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, "must be >= 0")
+    _require(0 < s.warmup_start_factor <= 1, "schedule.warmup_start_factor", s.warmup_start_factor,
+             "must be in (0, 1]")
+    _require(0 <= s.min_lr < o.lr, "schedule.min_lr", s.min_lr, f"must be in [0, optim.lr={o.lr})")
+    _require(s.step_epochs >= 1, "schedule.step_epochs", s.step_epochs, "must be >= 1")
+    _require(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "must be in (0, 1]")
+    _require(cfg.model.num_classes >= 2, "model.num_classes", cfg.model.num_classes, "must be >= 2")
+    _require(cfg.model.in_channels >= 1, "model.in_channels", cfg.model.in_channels, "must be >= 1")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _require(d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor, "must be >= 1")
+    _require(d.block_size >= 0, "data.block_size", d.block_size, "must be >= 0 (0: the chunk length)")
+    _require(d.shuffle_window >= 1, "data.shuffle_window", d.shuffle_window, "must be >= 1")
+    _require(d.random_crop_padding >= 0, "data.random_crop_padding", d.random_crop_padding, "must be >= 0")
+    _require(len(d.mean) in (1, cfg.model.in_channels), "data.mean", d.mean,
+             f"needs 1 or model.in_channels={cfg.model.in_channels} values")
+    _require(len(d.std) == len(d.mean) and all(x > 0 for x in d.std), "data.std", d.std,
+             "needs as many positive values as data.mean")
+    _require(d.create_if_missing is not None or Path(d.path).is_file(), "data.path", d.path,
+             "file does not exist; convert your data with `ddp-kit data ...` or set data.create_if_missing")
+    _require(d.val_path is None or Path(d.val_path).is_file(), "data.val_path", d.val_path,
+             "file does not exist")
+    w = cfg.swa
+    _require(w.start > 0, "swa.start", w.start, "must be > 0 (an epoch index >= 1 or a fraction of train.epochs)")
+    _require(w.lr > 0, "swa.lr", w.lr, "must be > 0")
+    _require(w.anneal_epochs >= 0, "swa.anneal_epochs", w.anneal_epochs, "must be >= 0")
+    if w.enabled:
+        _require(swa_start_epoch(cfg) < t.epochs, "swa.start", w.start,
+                 f"starts at epoch {swa_start_epoch(cfg)}, after the last epoch ({t.epochs - 1})")
+    c = cfg.checkpoint
+    _require(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "must be >= 0")
+    _require(c.every_epochs >= 0, "checkpoint.every_epochs", c.every_epochs, "must be >= 0")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+    metrics = ("val_acc", "val_loss", "train_loss", "swa_val_acc", "swa_val_loss")
+    _require(c.best_metric is None or c.best_metric in metrics, "checkpoint.best_metric", c.best_metric,
+             f"must be null or one of {', '.join(metrics)}")
+    for name in cfg.preemption.signals:
+        _require(hasattr(signal, name) and name.startswith("SIG"), "preemption.signals", name,
+                 "is not a signal name on this system (e.g. SIGUSR2, SIGTERM)")
+    _require(bool(cfg.preemption.requeue_marker) and "/" not in cfg.preemption.requeue_marker,
+             "preemption.requeue_marker", cfg.preemption.requeue_marker, "must be a plain file name")
+
+
+def swa_start_epoch(cfg: Config) -> int:
+    """First epoch (0-based) whose end is averaged into the SWA model: `start` itself if >= 1, else that
+    fraction of the run (0.75 of 10 epochs: epochs 7, 8, 9 are averaged)."""
+    start = cfg.swa.start
+    return int(start) if start >= 1 else int(start * cfg.train.epochs)
