@@ -111,6 +111,7 @@ class TrainConfig:
     on_nonfinite: Literal["skip", "stop"] = "skip"  # what to do with a NaN/Inf loss on any rank
     detect_anomaly: bool = False  # torch.autograd anomaly detection (slow; for debugging)
     cudnn_benchmark: bool = True
+    record_sample_ids: bool = False  # append consumed sample ids to <run_dir>/samples/rank<R>.jsonl (resume checks)
     deterministic: bool = False  # torch.use_deterministic_algorithms
 
 
@@ -361,6 +362,12 @@ def validate(cfg: Config) -> None:
     if w.enabled:
         _require(swa_start_epoch(cfg) < t.epochs, "swa.start", w.start,
                  f"starts at epoch {swa_start_epoch(cfg)}, after the last epoch ({t.epochs - 1})")
+    _require(not (cfg.distributed.static_graph and t.accum_steps > 1), "distributed.static_graph", True,
+             "cannot be combined with train.accum_steps > 1: DDP's static graph fails when the first iteration runs "
+             "under no_sync(); set one of them back")
+    _require(not (cfg.compile.enabled and cfg.distributed.bucket_cap_mb < 1), "distributed.bucket_cap_mb",
+             cfg.distributed.bucket_cap_mb, "with compile.enabled, tiny buckets split the compiled graph into "
+             "many pieces (one per bucket); use >= 1 (default 25)")
     c = cfg.checkpoint
     _require(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "must be >= 0")
     _require(c.every_epochs >= 0, "checkpoint.every_epochs", c.every_epochs, "must be >= 0")

@@ -1,0 +1,70 @@
+"""The `ddp-kit` command: train, verify-resume, data converters, export."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, load_config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .preemption import PREEMPTED_EXIT_CODE
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    return PREEMPTED_EXIT_CODE if result["status"] == "preempted" else 0
+
+
+def _verify_resume(args: argparse.Namespace) -> int:
+    from .verify import verify_resume
+
+    return 0 if verify_resume(args.config, args.overrides, nproc=args.nproc, stop_after=args.stop_after,
+                              timeout_s=args.timeout) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import checkpoint, data
+
+    parser = argparse.ArgumentParser(prog="ddp-kit", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train from a YAML config (under torchrun, srun, or alone)")
+    train.add_argument("--config", required=True, help="YAML file, e.g. configs/digits.yaml")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=3 optim.lr=0.1")
+    train.set_defaults(func=_train)
+
+    verify = commands.add_parser(
+        "verify-resume", help="check that stopping and resuming gives bit-identical weights for your setup")
+    verify.add_argument("--config", required=True)
+    verify.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    verify.add_argument("--stop-after", type=int, default=None,
+                        help="optimizer step to stop the interrupted run at (default: the middle of the run)")
+    verify.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
+    verify.add_argument("overrides", nargs="*", metavar="section.key=value")
+    verify.set_defaults(func=_verify_resume)
+
+    data.register_cli(commands)
+    checkpoint.register_cli(commands)
+    return parser
+
+
+@record  # under torchrun, an uncaught exception's traceback goes to the error file torchrun reports
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+    from .train import NonFiniteLossError, ResumeError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError, ResumeError, NonFiniteLossError) as exc:
+        print(f"ddp-kit: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Process group, ranks and devices: who this process is, which device it drives, how ranks agree.
+
+Three ways in, detected from the environment:
+- torchrun (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT),
+- `srun` starting one task per GPU without torchrun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, rendezvous on
+  the first host of SLURM_JOB_NODELIST),
+- a plain single process (no process group at all: the CPU debugging mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, DistributedConfig
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """What the launcher told this process about itself."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"  # single | torchrun | slurm
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The initialized distributed runtime of this process."""
+
+    env: DistEnv
+    device: torch.device
+    backend: str | None  # None when running as a single process without a process group
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+
+def _int_env(environ: Mapping[str, str], key: str) -> int:
+    value = environ[key]
+    try:
+        return int(value)
+    except ValueError:
+        raise RuntimeError(f"environment variable {key}={value!r} is not an integer; check the launcher") from None
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Expand SLURM's compressed host list: 'gpu[01-03,07],cpu5' -> gpu01, gpu02, gpu03, gpu07, cpu5."""
+    hosts: list[str] = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            hosts.extend(f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
+    return hosts
+
+
+def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    """Read torchrun's variables, else SLURM's (srun without torchrun), else a single process."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            if key not in environ:
+                raise RuntimeError(f"RANK and WORLD_SIZE are set but {key} is not; start with torchrun or set it")
+        return DistEnv(
+            rank=_int_env(environ, "RANK"),
+            local_rank=_int_env(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
+            world_size=_int_env(environ, "WORLD_SIZE"),
+            master_addr=environ["MASTER_ADDR"],
+            master_port=_int_env(environ, "MASTER_PORT"),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and _int_env(environ, "SLURM_NTASKS") > 1:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+        if "MASTER_ADDR" in environ:
+            master_addr = environ["MASTER_ADDR"]
+        elif nodelist:
+            master_addr = expand_hostlist(nodelist)[0]
+        else:
+            raise RuntimeError("started by srun with several tasks, but neither MASTER_ADDR nor SLURM_JOB_NODELIST "
+                               "is set, so the rendezvous host is unknown")
+        # A job-specific port keeps two jobs sharing a node from meeting at the same rendezvous.
+        port = _int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else (
+            20000 + _int_env(environ, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in environ else 29500)
+        return DistEnv(
+            rank=_int_env(environ, "SLURM_PROCID"),
+            local_rank=_int_env(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
+            world_size=_int_env(environ, "SLURM_NTASKS"),
+            master_addr=master_addr,
+            master_port=port,
+            launcher="slurm",
+        )
+    return DistEnv()
+
+
+def resolve_device(cfg: DistributedConfig, env: DistEnv) -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is wanted and present, else the CPU."""
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if cfg.device == "cuda":
+            raise ConfigError("distributed.device='cuda' but CUDA is not available here; use 'auto' or 'cpu'")
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if env.local_rank >= count:
+        raise RuntimeError(
+            f"LOCAL_RANK={env.local_rank} but only {count} CUDA device(s) are visible on this node; start at most "
+            f"{count} processes per node (torchrun --nproc_per_node) or check CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", env.local_rank)
+
+
+def resolve_backend(cfg: DistributedConfig, device: torch.device) -> str:
+    if cfg.backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if cfg.backend == "nccl" and device.type != "cuda":
+        raise ConfigError("distributed.backend='nccl' needs CUDA devices; use 'gloo' (or 'auto') on the CPU")
+    return cfg.backend
+
+
+@contextlib.contextmanager
+def process_group(cfg: DistributedConfig, environ: Mapping[str, str] = os.environ) -> Iterator[Runtime]:
+    """Set the device, start the process group, and destroy it on every exit path (exceptions included)."""
+    env = detect_env(environ)
+    device = resolve_device(cfg, env)
+    if device.type == "cuda":
+        # Before anything touches the GPU: otherwise every rank creates a context on cuda:0.
+        torch.cuda.set_device(device)
+    backend = None
+    if env.is_distributed:
+        backend = resolve_backend(cfg, device)
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{_url_host(env.master_addr)}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(seconds=cfg.timeout_s),
+            device_id=device if backend == "nccl" else None,
+        )
+    try:
+        yield Runtime(env=env, device=device, backend=backend)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.env.is_distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if runtime.env.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if runtime.env.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_objects(obj: object, runtime: Runtime) -> list:
+    if not runtime.env.is_distributed:
+        return [obj]
+    gathered: list = [None] * runtime.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: object, runtime: Runtime) -> object:
+    """Rank 0's `obj` on every rank."""
+    if not runtime.env.is_distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A per-rank seed derived from the run's seed; distinct ranks never share a stream."""
+    return (seed * 1_000_003 + rank * 7919) % (2**31)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)

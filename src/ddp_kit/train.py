@@ -1,0 +1,436 @@
+"""The training loop. Setup, loop, teardown, read top to bottom; AMP, gradient accumulation, SWA, the
+non-finite guard and preemption act where they appear.
+
+Host-device synchronization: exactly one small read per optimizer step (the flags every rank must agree on:
+a non-finite loss anywhere, a stop signal anywhere), none per micro-step; losses and counts stay on the device
+and are read at log intervals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import SWALR, AveragedModel
+
+from . import __version__, data, distributed, models
+from .checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, export_weights, load_checkpoint,
+                         load_weights, model_state_dict, restore_rng_state)
+from .config import Config, save_config, swa_start_epoch, to_dict
+from .distributed import Runtime
+from .logging import RunLogger, Throughput
+from .optim import build_optimizer, build_scheduler
+from .preemption import StopSignals, clear_requeue_marker, write_requeue_marker
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/Inf loss with train.on_nonfinite=stop; the last good state was checkpointed first."""
+
+
+class ResumeError(RuntimeError):
+    """The checkpoint to resume from does not fit this run's configuration."""
+
+
+def train(cfg: Config) -> dict:
+    """Run the configured training on this process (one of torchrun's workers, an srun task, or alone).
+
+    Returns the last epoch's metrics, with "status": "completed" | "preempted" | "max_steps"."""
+    # ------------------------------------------------------------------ setup
+    data.prepare_data(cfg.data)  # before the process group: one process builds the demo file, others wait
+    stop = StopSignals(cfg.preemption.signals)
+    with contextlib.ExitStack() as teardown:
+        teardown.callback(stop.restore)
+        rt = teardown.enter_context(distributed.process_group(cfg.distributed))
+        device = rt.device
+        run_dir = cfg.run_dir
+        if rt.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            clear_requeue_marker(run_dir, cfg.preemption.requeue_marker)
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)
+
+        loaders = data.build_dataloaders(
+            cfg.data, batch_size=cfg.train.batch_size, val_batch_size=cfg.train.val_batch_size, rank=rt.rank,
+            world_size=rt.world_size, seed=cfg.run.seed, device=device, num_classes=cfg.model.num_classes,
+            in_channels=cfg.model.in_channels)
+        accum = cfg.train.accum_steps
+        micro_per_epoch = len(loaders.train)
+        steps_per_epoch = math.ceil(micro_per_epoch / accum)
+        total_steps = steps_per_epoch * cfg.train.epochs
+
+        # The same seed on every rank: identical initial weights even before DDP broadcasts rank 0's.
+        distributed.seed_everything(cfg.run.seed)
+        model = models.build_model(cfg.model, example_input_shape=loaders.sample_shape).to(device)
+        if cfg.distributed.sync_bn and rt.world_size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, steps_per_epoch, total_steps)
+        amp_dtype = AMP_DTYPES[cfg.amp.dtype]
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp.enabled and cfg.amp.dtype == "fp16")
+        swa_model = AveragedModel(model) if cfg.swa.enabled else None
+        swa_start = swa_start_epoch(cfg) if cfg.swa.enabled else None
+        swa_scheduler = None
+
+        # Resume: rank 0 picks the checkpoint, every rank loads the same file.
+        manager = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint)
+        resume_path = distributed.broadcast_object(_resume_path(cfg, manager) if rt.is_main else None, rt)
+        start_epoch, step, start_batch, resumed_rng = 0, 0, 0, None
+        if resume_path is not None:
+            state = load_checkpoint(resume_path)
+            _check_resumable(state, cfg, rt, resume_path)
+            load_weights(model, state["model"], strict=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler") is not None:
+                scaler.load_state_dict(state["scaler"])
+            if swa_model is not None and state.get("swa_model") is not None:
+                load_weights(swa_model, state["swa_model"], strict=True)
+                swa_model.n_averaged.fill_(state["swa_n_averaged"])
+            if swa_model is not None and state.get("swa_scheduler") is not None:
+                swa_scheduler = SWALR(optimizer, swa_lr=cfg.swa.lr, anneal_epochs=cfg.swa.anneal_epochs,
+                                      anneal_strategy=cfg.swa.anneal_strategy)
+                swa_scheduler.load_state_dict(state["swa_scheduler"])
+            start_epoch, step, start_batch = state["epoch"], state["step"], state["batches_in_epoch"]
+            resumed_rng = state["rng"][rt.rank]
+
+        train_model: nn.Module = model
+        ddp = None
+        if rt.world_size > 1:
+            ddp = train_model = DDP(
+                model, device_ids=[device] if device.type == "cuda" else None,
+                bucket_cap_mb=cfg.distributed.bucket_cap_mb, find_unused_parameters=cfg.distributed.find_unused_parameters,
+                static_graph=cfg.distributed.static_graph, gradient_as_bucket_view=True)
+        if cfg.compile.enabled:
+            # Compile the DDP wrapper, not the bare model: DDP's graph splitter then cuts the graph at bucket
+            # boundaries, so gradient all-reduce overlaps the backward.
+            train_model = torch.compile(train_model, mode=cfg.compile.mode, backend=cfg.compile.backend)
+
+        logger = RunLogger(run_dir, enabled=rt.is_main, total_steps=total_steps, start_step=step)
+        teardown.callback(logger.close)
+        logger.info(f"ddp_kit {__version__}: {rt.world_size} process(es) ({rt.env.launcher}), device {device}, "
+                    f"backend {rt.backend or 'none'}; {loaders.train_size} train / {loaders.val_size} val samples, "
+                    f"{micro_per_epoch} micro-batches = {steps_per_epoch} optimizer steps per epoch per rank"
+                    + (f"; resumed from {resume_path} at epoch {start_epoch}, step {step}" if resume_path else ""))
+        ledger = _open_ledger(run_dir, rt) if cfg.train.record_sample_ids else None
+        if ledger is not None:
+            teardown.callback(ledger.close)
+
+        # Restored last: everything above may have drawn random numbers.
+        if resumed_rng is not None:
+            restore_rng_state(resumed_rng)
+        else:
+            distributed.seed_everything(distributed.rank_seed(cfg.run.seed, rt.rank))
+
+        status, record = "completed", {}
+        skipped_nonfinite = skipped_by_scaler = 0
+        last_saved_step = step if resume_path is not None else -1
+        compile_pending = cfg.compile.enabled
+        grad_norm = torch.zeros((), device=device)
+
+        # ------------------------------------------------------------------ loop
+        for epoch in range(start_epoch, cfg.train.epochs):
+            loaders.train_sampler.set_epoch(epoch, start_batch=start_batch)
+            micro = start_batch
+            start_batch = 0
+            model.train()
+            swa_phase = swa_model is not None and epoch >= swa_start
+            if swa_phase and swa_scheduler is None:
+                swa_scheduler = SWALR(optimizer, swa_lr=cfg.swa.lr, anneal_epochs=cfg.swa.anneal_epochs,
+                                      anneal_strategy=cfg.swa.anneal_strategy)
+            epoch_loss = torch.zeros(2, device=device)  # sum of micro-batch losses, micro-batch count
+            interval_loss = torch.zeros(2, device=device)
+            window_loss = torch.zeros(2, device=device)
+            throughput, epoch_start = Throughput(), time.perf_counter()
+            epoch_samples = 0
+
+            for images, labels, indices in loaders.train:
+                # Windows of `accum` micro-batches; the epoch's last window may be shorter, and its loss is
+                # divided by its real length so every optimizer step averages over the samples it saw.
+                window_start = micro - micro % accum
+                window_len = min(accum, micro_per_epoch - window_start)
+                last_in_window = micro - window_start == window_len - 1
+                if ledger is not None:
+                    ledger.write(json.dumps({"epoch": epoch, "step": step + 1, "micro": micro,
+                                             "indices": indices.tolist()}) + "\n")
+                images, labels = data.to_device(images, labels, device, cfg.data, train=True,
+                                                channels_last=cfg.model.channels_last)
+                # The forward too must run under no_sync(): DDP prepares the all-reduce in forward.
+                sync_context = ddp.no_sync() if ddp is not None and not last_in_window else contextlib.nullcontext()
+                first_step_start = time.perf_counter()
+                with sync_context:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp.enabled):
+                        loss = F.cross_entropy(train_model(images), labels)
+                    scaler.scale(loss / window_len).backward()
+                if compile_pending:
+                    compile_pending = False
+                    logger.info(f"torch.compile: first step (compilation included) took "
+                                f"{time.perf_counter() - first_step_start:.1f} s")
+                window_loss += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+                micro += 1
+                epoch_samples += labels.numel()
+                throughput.add(labels.numel() * rt.world_size)
+                if not last_in_window:
+                    continue
+
+                # ---- optimizer step: every rank agrees on the flags, with one host read.
+                flags = torch.stack([(~torch.isfinite(window_loss[0])).float() * (rt.rank + 1),
+                                     torch.tensor(float(stop.requested), device=device)])
+                nonfinite_rank, stop_now = distributed.all_reduce_max(flags, rt).tolist()
+                log_now = (step + 1) % cfg.train.log_every_steps == 0
+                if nonfinite_rank:
+                    optimizer.zero_grad(set_to_none=True)
+                    if cfg.train.on_nonfinite == "stop":
+                        _save(manager, rt, cfg, model, optimizer, scheduler, scaler, swa_model, swa_scheduler,
+                              epoch=epoch, step=step, batches_in_epoch=window_start, tag="nonfinite")
+                        raise NonFiniteLossError(
+                            f"non-finite loss in optimizer step {step + 1} (epoch {epoch}) on rank "
+                            f"{int(nonfinite_rank) - 1}; the last good state is checkpointed in "
+                            f"{manager.directory}. Lower optim.lr, enable optim.grad_clip_norm, or use "
+                            f"train.detect_anomaly=true to find the operation")
+                    skipped_nonfinite += 1
+                else:
+                    if cfg.optim.grad_clip_norm is not None or log_now:
+                        scaler.unscale_(optimizer)  # clip and report the true gradient norm, not the scaled one
+                        grads = [p.grad for p in model.parameters() if p.grad is not None]
+                        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
+                                     if cfg.optim.grad_clip_norm is not None
+                                     else torch.nn.utils.get_total_norm(grads))
+                    if scaler.is_enabled():
+                        scale_before = scaler.get_scale()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        skipped_by_scaler += int(scaler.get_scale() < scale_before)
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    epoch_loss += window_loss
+                    interval_loss += window_loss
+                window_loss.zero_()
+                if not swa_phase:
+                    scheduler.step()
+                step += 1
+
+                if log_now:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # time finished kernels, not launches
+                    mean_loss, count = interval_loss.tolist()
+                    logger.step(step, epoch, {
+                        "loss": mean_loss / max(count, 1), "lr": optimizer.param_groups[0]["lr"],
+                        "samples_per_s": throughput.rate_and_reset(), "grad_norm": float(grad_norm)})
+                    interval_loss.zero_()
+                reached_max = cfg.train.max_steps is not None and step >= cfg.train.max_steps
+                if stop_now or reached_max or manager.should_save(step=step, epoch_end=False, epoch=epoch):
+                    _save(manager, rt, cfg, model, optimizer, scheduler, scaler, swa_model, swa_scheduler,
+                          epoch=epoch, step=step, batches_in_epoch=micro,
+                          tag="preempt" if stop_now else "periodic")
+                    last_saved_step = step
+                if stop_now:
+                    if rt.is_main:
+                        write_requeue_marker(run_dir, cfg.preemption.requeue_marker, step=step,
+                                             signal_name=stop.signal_name)
+                    logger.info(f"stopping at step {step} on {stop.signal_name or 'a signal'} (received by at least "
+                                f"one rank); checkpoint saved, marker {cfg.preemption.requeue_marker} written")
+                    status = "preempted"
+                    break
+                if reached_max:
+                    logger.info(f"reached train.max_steps={cfg.train.max_steps}; checkpoint saved")
+                    status = "max_steps"
+                    break
+            if status != "completed":
+                break
+
+            # ---- epoch end: SWA averaging, validation, checkpoint
+            if swa_phase:
+                swa_model.update_parameters(model)
+                swa_scheduler.step()
+            loss_sum, loss_count = distributed.all_reduce_sum(epoch_loss.clone(), rt).tolist()
+            epoch_time = time.perf_counter() - epoch_start
+            record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(loss_count, 1),
+                      "val_loss": None, "val_acc": None, "lr": optimizer.param_groups[0]["lr"],
+                      "samples_per_s": epoch_samples * rt.world_size / epoch_time, "epoch_time_s": epoch_time,
+                      "skipped_nonfinite_steps": skipped_nonfinite, "skipped_scaler_steps": skipped_by_scaler}
+            last_epoch = epoch == cfg.train.epochs - 1
+            if (epoch + 1) % cfg.train.val_every_epochs == 0 or last_epoch:
+                record["val_loss"], record["val_acc"] = evaluate(model, loaders.val, rt, cfg)
+                if swa_phase:
+                    recompute_bn_statistics(swa_model.module, loaders.train_eval, rt, cfg)
+                    record["swa_val_loss"], record["swa_val_acc"] = evaluate(swa_model.module, loaders.val, rt, cfg)
+            logger.epoch(record)
+            if manager.should_save(step=step, epoch_end=True, epoch=epoch) or last_epoch:
+                _save(manager, rt, cfg, model, optimizer, scheduler, scaler, swa_model, swa_scheduler,
+                      epoch=epoch + 1, step=step, batches_in_epoch=0, metrics=record,
+                      tag="final" if last_epoch else "periodic")
+                last_saved_step = step
+
+        # ------------------------------------------------------------------ teardown
+        if rt.is_main and status == "completed" and manager.latest() is not None:
+            export_weights(manager.latest(), run_dir / "model.pt")
+            if swa_model is not None:
+                export_weights(manager.latest(), run_dir / "swa_model.pt", swa=True)
+        distributed.barrier(rt)
+        return {**record, "status": status, "step": step, "last_saved_step": last_saved_step}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pieces the loop calls. Each is a plain function of its arguments.
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, rt: Runtime, cfg: Config) -> tuple[float, float]:
+    """Loss and accuracy over the whole validation set: each rank sums over its disjoint shard, the sums are
+    all-reduced, so the figure equals a single process's for the same weights."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss sum, correct, count
+    for images, labels, _ in loader:
+        images, labels = data.to_device(images, labels, rt.device, cfg.data, train=False,
+                                        channels_last=cfg.model.channels_last)
+        with torch.autocast(rt.device.type, dtype=AMP_DTYPES[cfg.amp.dtype], enabled=cfg.amp.enabled):
+            logits = model(images)
+        totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
+        totals[1] += (logits.argmax(dim=1) == labels).sum()
+        totals[2] += labels.numel()
+    loss_sum, correct, count = distributed.all_reduce_sum(totals, rt).tolist()
+    model.train(was_training)
+    return loss_sum / count, correct / count
+
+
+@torch.no_grad()
+def recompute_bn_statistics(model: nn.Module, loader, rt: Runtime, cfg: Config) -> None:
+    """Set every BatchNorm's running mean/var to the exact statistics of its inputs over the whole loader
+    (all ranks' shards combined), with BatchNorm in training mode and everything else in eval mode.
+
+    Unlike `torch.optim.swa_utils.update_bn`, which averages per-batch moments on one process, this sums
+    first and second moments per channel across all batches and ranks, so the result does not depend on
+    batch sizes or on how the data is sharded."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    moments = {bn: torch.zeros(3, bn.num_features, dtype=torch.float64, device=rt.device) for bn in norms}
+
+    def accumulate(bn, inputs):
+        x = inputs[0].double()
+        dims = [d for d in range(x.dim()) if d != 1]
+        moments[bn][0] += x.sum(dims)
+        moments[bn][1] += (x * x).sum(dims)
+        moments[bn][2] += x.numel() // x.shape[1]
+
+    hooks = [bn.register_forward_pre_hook(accumulate) for bn in norms]
+    saved_groups = _isolate_sync_batchnorm(norms, rt)
+    was_training = model.training
+    model.eval()
+    for bn in norms:
+        bn.train()
+    try:
+        for images, _, _ in loader:
+            images, _ = data.to_device(images, _, rt.device, cfg.data, train=False,
+                                       channels_last=cfg.model.channels_last)
+            with torch.autocast(rt.device.type, dtype=AMP_DTYPES[cfg.amp.dtype], enabled=cfg.amp.enabled):
+                model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for bn, group in saved_groups.items():
+            bn.process_group = group
+        model.train(was_training)
+    flat = distributed.all_reduce_sum(torch.cat([moments[bn].flatten() for bn in norms]), rt)
+    offset = 0
+    for bn in norms:
+        s1, s2, n = flat[offset:offset + 3 * bn.num_features].view(3, -1)
+        offset += 3 * bn.num_features
+        mean = s1 / n
+        var = (s2 / n - mean * mean).clamp_min(0) * n / (n - 1).clamp_min(1)  # BatchNorm keeps the unbiased var
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+
+
+_solo_groups: dict[int, object] = {}
+
+
+def _isolate_sync_batchnorm(norms: list[nn.Module], rt: Runtime) -> dict:
+    """SyncBatchNorm in training mode all-gathers in every forward; ranks' shards may differ in batch count,
+    so give each its own one-rank group while statistics are collected (restored by the caller)."""
+    sync = [bn for bn in norms if isinstance(bn, nn.SyncBatchNorm)]
+    if not sync or not rt.env.is_distributed:
+        return {}
+    if rt.rank not in _solo_groups:
+        import torch.distributed as dist
+
+        # new_group is collective: every rank creates every one-rank group, in the same order.
+        for r in range(rt.world_size):
+            group = dist.new_group([r])
+            if r == rt.rank:
+                _solo_groups[rt.rank] = group
+    saved = {bn: bn.process_group for bn in sync}
+    for bn in sync:
+        bn.process_group = _solo_groups[rt.rank]
+    return saved
+
+
+def _resume_path(cfg: Config, manager: CheckpointManager) -> Path | None:
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume == "auto":
+        return manager.latest()
+    return Path(cfg.train.resume)
+
+
+def _check_resumable(state: dict, cfg: Config, rt: Runtime, path: Path) -> None:
+    saved = {"world_size": state.get("world_size"), "train.batch_size": state.get("batch_size"),
+             "train.accum_steps": state.get("accum_steps")}
+    current = {"world_size": rt.world_size, "train.batch_size": cfg.train.batch_size,
+               "train.accum_steps": cfg.train.accum_steps}
+    differ = {k: (saved[k], current[k]) for k in saved if saved[k] != current[k]}
+    if differ:
+        details = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in differ.items())
+        raise ResumeError(
+            f"cannot resume exactly from {path}: {details}. The sample order and the optimizer-step count both "
+            f"depend on these. Resume with the same values, or start a new run (another run.name or "
+            f"train.resume=never) and load only the weights (`ddp-kit export` then ddp_kit.checkpoint.load_weights)")
+    if len(state["rng"]) != rt.world_size:
+        raise CheckpointError(f"{path}: holds RNG states of {len(state['rng'])} ranks, this run has {rt.world_size}")
+
+
+def _save(manager: CheckpointManager, rt: Runtime, cfg: Config, model, optimizer, scheduler, scaler, swa_model,
+          swa_scheduler, *, epoch: int, step: int, batches_in_epoch: int, tag: str,
+          metrics: dict | None = None) -> None:
+    """All ranks call this together (RNG states are gathered); rank 0 writes; all wait until the file is
+    complete, so no rank runs ahead of a checkpoint that may yet fail."""
+    rng = distributed.all_gather_objects(capture_rng_state(), rt)
+    if rt.is_main:
+        state = {
+            "model": model_state_dict(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "swa_model": model_state_dict(swa_model) if swa_model is not None else None,
+            "swa_n_averaged": int(swa_model.n_averaged) if swa_model is not None else 0,
+            "swa_scheduler": swa_scheduler.state_dict() if swa_scheduler is not None else None,
+            "epoch": epoch, "step": step, "batches_in_epoch": batches_in_epoch, "rng": rng,
+            "config": to_dict(cfg), "world_size": rt.world_size, "batch_size": cfg.train.batch_size,
+            "accum_steps": cfg.train.accum_steps, "versions": {"torch": torch.__version__, "ddp_kit": __version__},
+            "metrics": metrics,
+        }
+        manager.save(state, step=step, epoch=epoch, metrics=metrics, tag=tag)
+    distributed.barrier(rt)
+
+
+def _open_ledger(run_dir: Path, rt: Runtime):
+    directory = run_dir / "samples"
+    directory.mkdir(parents=True, exist_ok=True)
+    return (directory / f"rank{rt.rank}.jsonl").open("a", buffering=1)
