@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -18,6 +19,16 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     return PREEMPTED_EXIT_CODE if result["status"] == "preempted" else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .train import evaluate_checkpoint
+
+    cfg = load_config(args.config, args.overrides)
+    result = evaluate_checkpoint(cfg, args.checkpoint, swa=args.swa)
+    if result.pop("rank") == 0:
+        print(json.dumps(result), flush=True)
+    return 0
 
 
 def _verify_resume(args: argparse.Namespace) -> int:
@@ -37,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML file, e.g. configs/digits.yaml")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=3 optim.lr=0.1")
     train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("evaluate", help="validation loss/accuracy of a checkpoint's weights")
+    evaluate.add_argument("--config", required=True)
+    evaluate.add_argument("--checkpoint", required=True, help="a ddp_kit checkpoint or any file load_weights reads")
+    evaluate.add_argument("--swa", action="store_true", help="evaluate the SWA weights (BatchNorm recomputed)")
+    evaluate.add_argument("overrides", nargs="*", metavar="section.key=value")
+    evaluate.set_defaults(func=_evaluate)
 
     verify = commands.add_parser(
         "verify-resume", help="check that stopping and resuming gives bit-identical weights for your setup")

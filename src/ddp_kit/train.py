@@ -286,6 +286,25 @@ def train(cfg: Config) -> dict:
         return {**record, "status": status, "step": step, "last_saved_step": last_saved_step}
 
 
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, swa: bool = False) -> dict:
+    """Validation loss and accuracy of a checkpoint's weights, on however many processes this was started with."""
+    data.prepare_data(cfg.data)
+    with distributed.process_group(cfg.distributed) as rt:
+        loaders = data.build_dataloaders(
+            cfg.data, batch_size=cfg.train.batch_size, val_batch_size=cfg.train.val_batch_size, rank=rt.rank,
+            world_size=rt.world_size, seed=cfg.run.seed, device=rt.device, num_classes=cfg.model.num_classes,
+            in_channels=cfg.model.in_channels)
+        model = models.build_model(cfg.model, example_input_shape=loaders.sample_shape)
+        load_weights(model, load_checkpoint(checkpoint), strict=True, key="swa_model" if swa else None)
+        model = model.to(rt.device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if swa:
+            recompute_bn_statistics(model, loaders.train_eval, rt, cfg)
+        val_loss, val_acc = evaluate(model, loaders.val, rt, cfg)
+        return {"val_loss": val_loss, "val_acc": val_acc, "world_size": rt.world_size, "rank": rt.rank}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pieces the loop calls. Each is a plain function of its arguments.
 
@@ -423,7 +442,7 @@ def _save(manager: CheckpointManager, rt: Runtime, cfg: Config, model, optimizer
             "swa_scheduler": swa_scheduler.state_dict() if swa_scheduler is not None else None,
             "epoch": epoch, "step": step, "batches_in_epoch": batches_in_epoch, "rng": rng,
             "config": to_dict(cfg), "world_size": rt.world_size, "batch_size": cfg.train.batch_size,
-            "accum_steps": cfg.train.accum_steps, "versions": {"torch": torch.__version__, "ddp_kit": __version__},
+            "accum_steps": cfg.train.accum_steps, "versions": {"torch": str(torch.__version__), "ddp_kit": __version__},
             "metrics": metrics,
         }
         manager.save(state, step=step, epoch=epoch, metrics=metrics, tag=tag)
