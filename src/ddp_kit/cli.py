@@ -39,7 +39,7 @@ def _verify_resume(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import checkpoint, data
+    from . import checkpoint, data, launch
 
     parser = argparse.ArgumentParser(prog="ddp-kit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data.register_cli(commands)
     checkpoint.register_cli(commands)
+    launch.register_cli(commands)
     return parser
 
 

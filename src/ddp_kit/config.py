@@ -119,6 +119,7 @@ class TrainConfig:
 class AmpConfig:
     enabled: bool = False
     dtype: Literal["bf16", "fp16"] = "bf16"  # fp16 uses a GradScaler
+    init_scale: float = 65536.0  # fp16 only: the GradScaler's first loss scale
 
 
 @dataclass
@@ -150,6 +151,8 @@ class CheckpointConfig:
 class PreemptionConfig:
     signals: list[str] = field(default_factory=lambda: ["SIGUSR2", "SIGTERM"])  # checkpoint and stop on these
     requeue_marker: str = "REQUEUE"  # file written in the run directory when a stop asks to be requeued
+    term_deadline_s: float = 25.0  # after SIGTERM/SIGINT, end the process if the orderly stop takes longer
+    #   (keep it below the launcher's grace period before SIGKILL: torchrun and SLURM's KillWait give 30 s)
 
 
 @dataclass
@@ -355,6 +358,7 @@ def validate(cfg: Config) -> None:
              "file does not exist; convert your data with `ddp-kit data ...` or set data.create_if_missing")
     _require(d.val_path is None or Path(d.val_path).is_file(), "data.val_path", d.val_path,
              "file does not exist")
+    _require(cfg.amp.init_scale > 0, "amp.init_scale", cfg.amp.init_scale, "must be > 0")
     w = cfg.swa
     _require(w.start > 0, "swa.start", w.start, "must be > 0 (an epoch index >= 1 or a fraction of train.epochs)")
     _require(w.lr > 0, "swa.lr", w.lr, "must be > 0")
@@ -378,6 +382,8 @@ def validate(cfg: Config) -> None:
     for name in cfg.preemption.signals:
         _require(hasattr(signal, name) and name.startswith("SIG"), "preemption.signals", name,
                  "is not a signal name on this system (e.g. SIGUSR2, SIGTERM)")
+    _require(cfg.preemption.term_deadline_s > 0, "preemption.term_deadline_s", cfg.preemption.term_deadline_s,
+             "must be > 0")
     _require(bool(cfg.preemption.requeue_marker) and "/" not in cfg.preemption.requeue_marker,
              "preemption.requeue_marker", cfg.preemption.requeue_marker, "must be a plain file name")
 

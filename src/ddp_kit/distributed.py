@@ -197,6 +197,14 @@ def all_reduce_max(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, runtime: Runtime) -> None:
+    """Make every rank's buffers (BatchNorm running statistics) rank 0's. DDP broadcasts them before each
+    training forward, so after the last one each rank holds its own; evaluation and checkpoints need one set."""
+    if runtime.env.is_distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_gather_objects(obj: object, runtime: Runtime) -> list:
     if not runtime.env.is_distributed:
         return [obj]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def train(cfg: Config) -> dict:
     Returns the last epoch's metrics, with "status": "completed" | "preempted" | "max_steps"."""
     # ------------------------------------------------------------------ setup
     data.prepare_data(cfg.data)  # before the process group: one process builds the demo file, others wait
-    stop = StopSignals(cfg.preemption.signals)
+    stop = StopSignals(cfg.preemption.signals, deadline_s=cfg.preemption.term_deadline_s)
     with contextlib.ExitStack() as teardown:
         teardown.callback(stop.restore)
         rt = teardown.enter_context(distributed.process_group(cfg.distributed))
@@ -81,7 +82,8 @@ def train(cfg: Config) -> dict:
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, steps_per_epoch, total_steps)
         amp_dtype = AMP_DTYPES[cfg.amp.dtype]
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp.enabled and cfg.amp.dtype == "fp16")
+        scaler = torch.amp.GradScaler(device.type, init_scale=cfg.amp.init_scale,
+                                      enabled=cfg.amp.enabled and cfg.amp.dtype == "fp16")
         swa_model = AveragedModel(model) if cfg.swa.enabled else None
         swa_start = swa_start_epoch(cfg) if cfg.swa.enabled else None
         swa_scheduler = None
@@ -189,8 +191,9 @@ def train(cfg: Config) -> dict:
 
                 # ---- optimizer step: every rank agrees on the flags, with one host read.
                 flags = torch.stack([(~torch.isfinite(window_loss[0])).float() * (rt.rank + 1),
-                                     torch.tensor(float(stop.requested), device=device)])
-                nonfinite_rank, stop_now = distributed.all_reduce_max(flags, rt).tolist()
+                                     torch.tensor(float(stop.signal_number or 0), device=device)])
+                nonfinite_rank, stop_signal = (int(f) for f in distributed.all_reduce_max(flags, rt).tolist())
+                stop_now = stop_signal > 0
                 log_now = (step + 1) % cfg.train.log_every_steps == 0
                 if nonfinite_rank:
                     optimizer.zero_grad(set_to_none=True)
@@ -242,9 +245,9 @@ def train(cfg: Config) -> dict:
                 if stop_now:
                     if rt.is_main:
                         write_requeue_marker(run_dir, cfg.preemption.requeue_marker, step=step,
-                                             signal_name=stop.signal_name)
-                    logger.info(f"stopping at step {step} on {stop.signal_name or 'a signal'} (received by at least "
-                                f"one rank); checkpoint saved, marker {cfg.preemption.requeue_marker} written")
+                                             signal_name=signal.Signals(stop_signal).name)
+                    logger.info(f"stopping at step {step} on {signal.Signals(stop_signal).name} (received by at "
+                                f"least one rank); checkpoint saved, marker {cfg.preemption.requeue_marker} written")
                     status = "preempted"
                     break
                 if reached_max:
@@ -255,6 +258,7 @@ def train(cfg: Config) -> dict:
                 break
 
             # ---- epoch end: SWA averaging, validation, checkpoint
+            distributed.broadcast_buffers(model, rt)
             if swa_phase:
                 swa_model.update_parameters(model)
                 swa_scheduler.step()
@@ -356,8 +360,8 @@ def recompute_bn_statistics(model: nn.Module, loader, rt: Runtime, cfg: Config) 
     for bn in norms:
         bn.train()
     try:
-        for images, _, _ in loader:
-            images, _ = data.to_device(images, _, rt.device, cfg.data, train=False,
+        for images, labels, _ in loader:
+            images, _ = data.to_device(images, labels, rt.device, cfg.data, train=False,
                                        channels_last=cfg.model.channels_last)
             with torch.autocast(rt.device.type, dtype=AMP_DTYPES[cfg.amp.dtype], enabled=cfg.amp.enabled):
                 model(images)

@@ -1,0 +1,39 @@
+"""Train under torchrun with a DDP communication hook that counts gradient all-reduces, and write per-rank
+counts to <run_dir>/allreduce_rank<R>.json. Usage: count_allreduce.py CONFIG [overrides...]"""
+
+import json
+import os
+import sys
+
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import ddp_kit.train as train_module
+from ddp_kit.config import load_config
+
+counts = {"bucket0_allreduces": 0, "allreduces": 0, "forwards": 0}
+
+
+class CountingDDP(DistributedDataParallel):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_comm_hook(None, self._counting_allreduce)
+        self.module.register_forward_hook(self._count_training_forward)
+
+    @staticmethod
+    def _count_training_forward(module, inputs, output):
+        counts["forwards"] += int(module.training)  # evaluation forwards are not micro-steps
+
+    @staticmethod
+    def _counting_allreduce(state, bucket):
+        counts["allreduces"] += 1
+        counts["bucket0_allreduces"] += int(bucket.index() == 0)
+        work = dist.all_reduce(bucket.buffer().div_(dist.get_world_size()), async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0])
+
+
+train_module.DDP = CountingDDP
+cfg = load_config(sys.argv[1], sys.argv[2:])
+result = train_module.train(cfg)
+(cfg.run_dir / f"allreduce_rank{os.environ.get('RANK', '0')}.json").write_text(
+    json.dumps({**counts, "steps": result["step"]}))

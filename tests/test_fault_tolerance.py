@@ -1,0 +1,423 @@
+"""Fault tolerance without SLURM: torchrun on loopback with the digits demo on CPU (gloo).
+
+Every run is compared with one uninterrupted reference run: final parameters bit-identical (torch.equal), and
+the sample ledger (train.record_sample_ids) identical once a restart's re-written lines are reduced to their
+last occurrence. Every process runs under a timeout; every process a test started (torchrun, its workers,
+their DataLoader workers, orphans included) is found by a tag in its environment and killed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
+from ddp_kit.config import load_config
+from ddp_kit.preemption import read_requeue_marker
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+CONFIG = str(REPO / "configs" / "digits.yaml")
+CHECKPOINT_EVERY = 5
+# Two short epochs (about 23 optimizer steps each on 2 processes), a checkpoint every 5 steps, one DataLoader
+# worker per rank as in the demo config, and the per-micro-batch ledger.
+OVERRIDES = ["train.epochs=2", f"checkpoint.every_steps={CHECKPOINT_EVERY}", "data.num_workers=1",
+             "train.record_sample_ids=true"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """One launcher process (torchrun or python) started for a test, with everything it starts."""
+
+    def __init__(self, args: list[str], log: Path, tag: str, cwd: Path, env: dict | None = None):
+        self.log = log
+        self.tag = tag
+        # One intra-op thread everywhere: torchrun sets it only with several processes per launcher, and
+        # CPU kernels with more threads sum in another order, which would hide what the tests compare.
+        full_env = {**os.environ, "DDP_KIT_TEST_TAG": tag, "OMP_NUM_THREADS": "1"}
+        full_env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # set only where a test means it
+        full_env.update(env or {})
+        self.out = open(log, "w")
+        self.proc = subprocess.Popen(args, cwd=cwd, env=full_env, stdout=self.out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def workers(self) -> dict[tuple[int, int], psutil.Process]:
+        """Live workers by (RANK, TORCHELASTIC_RESTART_COUNT)."""
+        found = {}
+        try:
+            children = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return found
+        for child in children:
+            try:
+                env = child.environ()
+                found[(int(env["RANK"]), int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))] = child
+            except (psutil.NoSuchProcess, KeyError):
+                continue
+        return found
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.proc.args[:3]} still running after {timeout:.0f} s:\n{self.output()[-6000:]}")
+
+    def output(self) -> str:
+        self.out.flush()
+        return self.log.read_text(errors="replace")
+
+    def cleanup(self) -> None:
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("DDP_KIT_TEST_TAG") == self.tag:
+                    p.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+        self.out.close()
+
+
+@pytest.fixture
+def launches():
+    started: list[Launch] = []
+    yield started
+    for launch in started:
+        launch.cleanup()
+
+
+class Runs:
+    def __init__(self, root: Path):
+        self.root = root
+        self.data = root / "digits.h5"
+
+    def run_dir(self, name: str) -> Path:
+        return self.root / "runs" / name
+
+    def train_args(self, name: str) -> list[str]:
+        return [str(REPO / "launch" / "train.py"), "--config", CONFIG, f"run.output_dir={self.root / 'runs'}",
+                f"run.name={name}", f"data.path={self.data}", *OVERRIDES]
+
+    def start(self, launches: list, name: str, args: list[str], log_suffix: str = "", env: dict | None = None):
+        launch = Launch(args, self.root / f"{name}{log_suffix}.log", f"{name}-{uuid.uuid4().hex}", self.root, env)
+        launches.append(launch)
+        return launch
+
+    def torchrun(self, launches: list, name: str, *torchrun_args: str, log_suffix: str = "",
+                 script_args: list[str] | None = None) -> Launch:
+        """torchrun as the README runs it: with what worker-group restarts need in its environment."""
+        return self.start(launches, name, [TORCHRUN, *torchrun_args, *(script_args or self.train_args(name))],
+                          log_suffix, env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("ft"))
+
+
+def final_model(run_dir: Path) -> dict:
+    cfg = load_config(run_dir / "config.yaml")
+    latest = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint).latest()
+    assert latest is not None, f"no complete checkpoint in {run_dir}"
+    return load_checkpoint(latest)["model"]
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    ma, mb = final_model(a), final_model(b)
+    assert ma.keys() == mb.keys()
+    for key in ma:
+        assert torch.equal(ma[key], mb[key]), f"{key} differs between {a.name} and {b.name}"
+
+
+def ledger_lines(run_dir: Path, rank: int) -> list[dict]:
+    path = run_dir / "samples" / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def ledger(run_dir: Path, world: int = 2) -> tuple[dict, Counter]:
+    """{(rank, epoch, step, micro): indices} keeping the last occurrence, and how often each key was written."""
+    last, counts = {}, Counter()
+    for rank in range(world):
+        for rec in ledger_lines(run_dir, rank):
+            key = (rank, rec["epoch"], rec["step"], rec["micro"])
+            last[key] = rec["indices"]
+            counts[key] += 1
+    return last, counts
+
+
+def max_step(run_dir: Path, rank: int) -> int:
+    lines = ledger_lines(run_dir, rank)
+    return max((r["step"] for r in lines), default=0)
+
+
+def wait_for_step(run_dir: Path, launch: Launch, step: int, rank: int = 0, timeout: float = 120) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        current = max_step(run_dir, rank)
+        if current >= step:
+            return current
+        if launch.proc.poll() is not None:
+            pytest.fail(f"the run ended before step {step}:\n{launch.output()[-6000:]}")
+        time.sleep(0.01)
+    pytest.fail(f"rank {rank} did not reach step {step} within {timeout:.0f} s:\n{launch.output()[-6000:]}")
+
+
+def resumed_step(output: str) -> int:
+    found = re.findall(r"resumed from \S+ at epoch \d+, step (\d+)", output)
+    assert found, f"no 'resumed from' line in:\n{output[-6000:]}"
+    return int(found[-1])
+
+
+@pytest.fixture(scope="module")
+def reference(runs, tmp_path_factory):
+    """The uninterrupted run every other run must match; its ledger covers each epoch exactly once."""
+    started: list[Launch] = []
+    try:
+        launch = runs.torchrun(started, "reference", "--standalone", "--nproc_per_node=2")
+        rc = launch.wait(240)
+        assert rc == 0, launch.output()[-6000:]
+    finally:
+        for launch in started:
+            launch.cleanup()
+    run_dir = runs.run_dir("reference")
+    entries, counts = ledger(run_dir)
+    assert set(counts.values()) == {1}
+    cfg = load_config(run_dir / "config.yaml")
+    import h5py
+
+    with h5py.File(cfg.data.path, "r") as f:
+        n_train = len(f[cfg.data.train_group][cfg.data.labels_key])
+    for epoch in range(2):
+        seen = Counter(i for (r, e, s, m), idx in entries.items() if e == epoch for i in idx)
+        assert set(seen) == set(range(n_train)), "a sample is missing from the epoch"
+        # Padding repeats at most world_size - 1 samples so that both ranks see as many batches.
+        assert sum(seen.values()) - n_train <= 1
+    return run_dir
+
+
+def test_launch_helper_command():
+    from ddp_kit.launch import main
+
+    out = subprocess.run([sys.executable, "-m", "ddp_kit.launch", "--nnodes", "2", "--nproc-per-node", "4",
+                          "--rdzv-endpoint", "node1:29400", "--rdzv-id", "exp", "--max-restarts", "3",
+                          "--dry-run", "--config", "c.yaml", "train.epochs=1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=node1:29400", "--rdzv-id=exp", "--nproc-per-node=4",
+        "--max-restarts=3", "-m", "ddp_kit.cli", "train", "--config", "c.yaml", "train.epochs=1"]
+    with pytest.raises(SystemExit, match="needs --rdzv-endpoint"):
+        main(["--nnodes", "2", "--config", "c.yaml"])
+
+
+def test_kill9_of_one_rank_restarts_from_last_checkpoint_bit_identical(runs, reference, launches):
+    name = "kill9"
+    run_dir = runs.run_dir(name)
+    # Through `ddp-kit launch` (as `python -m ddp_kit.launch`), which must itself set up torchrun for restarts:
+    # this process's environment does not have TORCH_DISABLE_SHARE_RDZV_TCP_STORE.
+    launch = runs.start(launches, name, [sys.executable, "-m", "ddp_kit.launch", "--nproc-per-node", "2",
+                                         "--max-restarts", "1", *runs.train_args(name)[1:]])
+    # Mid-epoch, after the step-5 checkpoint: epoch 0 has about 23 steps.
+    wait_for_step(run_dir, launch, CHECKPOINT_EVERY + 3, rank=1)
+    launch.workers()[(1, 0)].send_signal(signal.SIGKILL)
+    killed_at = max(max_step(run_dir, 0), max_step(run_dir, 1))
+    assert launch.wait(240) == 0, launch.output()[-6000:]
+    out = launch.output()
+    assert "exitcode: -9" in out and "local_rank: 1" in out  # torchrun saw the kill and restarted the group
+
+    resumed = resumed_step(out)
+    assert resumed % CHECKPOINT_EVERY == 0 and CHECKPOINT_EVERY <= resumed <= killed_at
+    entries, counts = ledger(run_dir)
+    redone = {(e, s) for (r, e, s, m), n in counts.items() if n > 1}
+    assert redone, "nothing was redone: the kill came too late to test a restart"
+    # Only the steps after the checkpoint it resumed from were done twice.
+    assert {s for e, s in redone} <= set(range(resumed + 1, killed_at + 2)) and {e for e, s in redone} == {0}
+    ref_entries, _ = ledger(reference)
+    assert entries == ref_entries  # no sample lost or seen twice, in the reference order
+    assert_same_model(reference, run_dir)
+
+
+def test_restart_budget_exhausted_fails_and_names_the_rank(runs, launches):
+    launch = runs.torchrun(launches, "budget", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+                           "--monitor-interval=0.5")
+    t0 = time.monotonic()
+    for attempt in (0, 1):
+        end = time.monotonic() + 120
+        while (1, attempt) not in launch.workers():
+            assert time.monotonic() < end, launch.output()[-6000:]
+            assert launch.proc.poll() is None, launch.output()[-6000:]
+            time.sleep(0.05)
+        launch.workers()[(1, attempt)].send_signal(signal.SIGKILL)
+    rc = launch.wait(120)
+    took = time.monotonic() - t0
+    out = launch.output()
+    assert rc != 0
+    assert took < 120
+    failure = out[out.index("Failures:") if "Failures:" in out else out.index("Root Cause"):]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", failure), failure
+
+
+FAILING_ENTRY = textwrap.dedent("""
+    # The real entry point, with rank 1 raising in its third forward pass.
+    import os, sys
+    import torch.nn.functional as F
+    from ddp_kit.cli import main
+
+    calls = 0
+    cross_entropy = F.cross_entropy
+
+    def failing(*args, **kwargs):
+        global calls
+        calls += 1
+        if os.environ["RANK"] == "1" and calls == 3:
+            raise RuntimeError("injected failure on rank 1")
+        return cross_entropy(*args, **kwargs)
+
+    F.cross_entropy = failing
+    sys.exit(main(["train", *sys.argv[1:]]))
+""")
+
+
+def test_a_raising_rank_ends_the_job_quickly_with_its_traceback(runs, launches):
+    entry = runs.root / "failing_entry.py"
+    entry.write_text(FAILING_ENTRY)
+    args = runs.train_args("raises")
+    launch = runs.torchrun(launches, "raises", "--standalone", "--nproc_per_node=2", "--max-restarts=0",
+                           script_args=[str(entry), *args[1:]])
+    t0 = time.monotonic()
+    rc = launch.wait(120)
+    took = time.monotonic() - t0
+    out = launch.output()
+    assert rc != 0 and took < 90
+    root_cause = out[out.index("Root Cause"):]
+    # @record wrote the error file, so torchrun shows the rank's own traceback instead of "error_file: <N/A>".
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root_cause), root_cause
+    assert "injected failure on rank 1" in root_cause and "train.py" in root_cause, root_cause
+
+
+@pytest.mark.parametrize("how", ["sigterm_to_torchrun", "sigusr2_to_rank1"])
+def test_stop_signal_checkpoints_same_step_and_resumes_with_nothing_redone(runs, reference, launches, how):
+    name = f"stop_{how}"
+    run_dir = runs.run_dir(name)
+    launch = runs.torchrun(launches, name, "--standalone", "--nproc_per_node=2", "--max-restarts=1")
+    wait_for_step(run_dir, launch, CHECKPOINT_EVERY + 2)  # between two periodic checkpoints
+    if how == "sigterm_to_torchrun":
+        launch.proc.send_signal(signal.SIGTERM)  # torchrun passes it to every worker's process group
+    else:
+        launch.workers()[(1, 0)].send_signal(signal.SIGUSR2)  # only rank 1 knows; the all-reduce tells rank 0
+    rc = launch.wait(60)
+    out = launch.output()
+    if how == "sigusr2_to_rank1":
+        assert rc == 0, out[-6000:]  # PREEMPTED_EXIT_CODE: torchrun must not restart the group
+    assert "exitcode: -9" not in out and "forcefully exiting via SIGKILL" not in out, out[-6000:]
+
+    marker = read_requeue_marker(run_dir, "REQUEUE")
+    assert marker is not None, out[-6000:]
+    stopped = marker["step"]
+    if how == "sigterm_to_torchrun":
+        assert marker["signal"] == "SIGTERM"
+    else:
+        # Rank 0 writes the marker and names the signal it saw itself; here only rank 1 was signalled.
+        assert marker["signal"] in ("SIGUSR2", None)
+    assert max_step(run_dir, 0) == max_step(run_dir, 1) == stopped  # every rank stopped after the same step
+    assert load_checkpoint(CheckpointManager(run_dir / "checkpoints",
+                                             load_config(run_dir / "config.yaml").checkpoint).latest())["step"] == stopped
+
+    resume = runs.torchrun(launches, name, "--standalone", "--nproc_per_node=2", log_suffix="-resume")
+    assert resume.wait(240) == 0, resume.output()[-6000:]
+    assert resumed_step(resume.output()) == stopped
+    assert read_requeue_marker(run_dir, "REQUEUE") is None  # cleared by the resumed run
+    entries, counts = ledger(run_dir)
+    assert set(counts.values()) == {1}, "a step was redone after the stop"
+    assert entries == ledger(reference)[0]
+    assert_same_model(reference, run_dir)
+
+
+def test_two_launchers_as_two_nodes_match_one_launcher(runs, reference, launches):
+    name = "two_nodes"
+    port = _free_port()
+    nodes = [runs.torchrun(launches, name, "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                           f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={name}", log_suffix=f"-node{n}")
+             for n in range(2)]
+    for node in nodes:
+        assert node.wait(240) == 0, node.output()[-6000:]
+    run_dir = runs.run_dir(name)
+    assert ledger(run_dir)[0] == ledger(reference)[0]
+    assert_same_model(reference, run_dir)
+
+
+STUCK = textwrap.dedent("""
+    # Rank 1 never joins the second all_reduce. Both ranks install the stop handlers as the training loop does.
+    import sys, time
+    import torch
+    from ddp_kit import distributed
+    from ddp_kit.config import DistributedConfig
+    from ddp_kit.preemption import StopSignals
+
+    stop = StopSignals(["SIGUSR2", "SIGTERM"], deadline_s=2.0)
+    with distributed.process_group(DistributedConfig(timeout_s=float(sys.argv[1]), device="cpu")) as rt:
+        t = torch.ones(4)
+        distributed.all_reduce_sum(t, rt)
+        print(f"rank {rt.rank} joined", flush=True)
+        if rt.rank == 1:
+            time.sleep(3600)
+        distributed.all_reduce_sum(t, rt)
+""")
+
+
+def _run_stuck(runs, launches, timeout_s: float) -> Launch:
+    script = runs.root / "stuck.py"
+    script.write_text(STUCK)
+    launch = runs.torchrun(launches, f"stuck{timeout_s:g}", "--standalone", "--nproc_per_node=2",
+                           script_args=[str(script), str(timeout_s)])
+    end = time.monotonic() + 60
+    while launch.output().count("joined") < 2:
+        assert time.monotonic() < end and launch.proc.poll() is None, launch.output()[-6000:]
+        time.sleep(0.05)
+    return launch
+
+
+def test_rank_stuck_past_the_collective_timeout_fails_fast_naming_the_collective(runs, launches):
+    launch = _run_stuck(runs, launches, timeout_s=3)
+    t0 = time.monotonic()
+    rc = launch.wait(120)
+    took = time.monotonic() - t0
+    out = launch.output()
+    assert rc != 0 and took < 30, out[-6000:]  # distributed.timeout_s=3, far from the 30-minute default
+    assert re.search(r"\[rank0\]:.*all_reduce", out) and "Timed out waiting 3000ms" in out, out[-6000:]
+    assert "forcefully exiting via SIGKILL" not in out
+
+
+def test_sigterm_while_blocked_in_a_collective_exits_before_torchruns_sigkill(runs, launches):
+    launch = _run_stuck(runs, launches, timeout_s=600)
+    t0 = time.monotonic()
+    launch.proc.send_signal(signal.SIGTERM)
+    launch.wait(60)
+    took = time.monotonic() - t0
+    out = launch.output()
+    assert took < 20, out[-6000:]  # the watchdog's 2 s, not torchrun's 30 s grace nor the 600 s timeout
+    assert "forcefully exiting via SIGKILL" not in out
+    assert "SIGTERM received 2 s ago and the training loop has not stopped (rank 0" in out, out[-6000:]

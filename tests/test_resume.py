@@ -1,0 +1,54 @@
+"""Exact resume: stopped after step k and resumed == uninterrupted, bit for bit (torch.equal)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import tiny_overrides
+from procs import REPO, run, train_command
+
+pytestmark = pytest.mark.slow
+CONFIG = REPO / "configs" / "digits.yaml"
+
+# Accumulation with a short last window, bf16 autocast, SWA from epoch 2, a DataLoader worker, and random
+# augmentation on the device: everything that could make a resumed run drift.
+EVERYTHING = {"train.epochs": 4, "train.batch_size": 8, "train.accum_steps": 4, "amp.enabled": "true",
+              "amp.dtype": "bf16", "swa.enabled": "true", "swa.start": 2, "data.num_workers": 1,
+              "data.random_crop_padding": 1, "data.horizontal_flip": "true"}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_verify_resume_is_bit_identical(tiny_h5, tmp_path, nproc):
+    overrides = tiny_overrides(tiny_h5, tmp_path, f"exact{nproc}", **EVERYTHING)
+    command = [sys.executable, "-m", "ddp_kit.cli", "verify-resume", "--config", str(CONFIG), "--nproc",
+               str(nproc), "--timeout", "240", *overrides]
+    out = run(command, timeout=600).stdout
+    report = json.loads(out[out.rindex("{\n"):])
+    # 96 rows / nproc / batch 8 micro-batches, windows of 4 with a shorter last one
+    steps_per_epoch = {1: 3, 2: 2}[nproc]
+    assert report["final_step"] == 4 * steps_per_epoch
+    assert report["stopped_at_step"] == 4 * steps_per_epoch // 2 + 1  # inside an SWA epoch, mid-epoch
+    assert report["identical"] is True and report["differences"] == []
+
+
+def test_resume_with_another_world_size_is_refused(tiny_h5, tmp_path):
+    overrides = tiny_overrides(tiny_h5, tmp_path, "mixed")
+    run(train_command(1, CONFIG, [*overrides, "train.max_steps=3"]))
+    out = run(train_command(2, CONFIG, overrides), timeout=180, check=False)
+    assert out.returncode != 0
+    assert "cannot resume exactly from" in out.stdout and "world_size: checkpoint 1 vs now 2" in out.stdout
+
+
+def test_auto_resume_skips_a_truncated_newest_checkpoint(tiny_h5, tmp_path):
+    overrides = tiny_overrides(tiny_h5, tmp_path, "trunc", **{"checkpoint.every_steps": 2})
+    run(train_command(1, CONFIG, [*overrides, "train.max_steps=5"]))
+    checkpoints = sorted((tmp_path / "trunc" / "checkpoints").glob("ckpt_step*.pt"))
+    newest = checkpoints[-1]
+    assert newest.name == "ckpt_step000000005.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    out = run(train_command(1, CONFIG, overrides)).stdout
+    assert "resumed from" in out and "ckpt_step000000004.pt" in out
+    assert "step 4" in out.split("resumed from")[1].splitlines()[0]

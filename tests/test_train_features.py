@@ -1,0 +1,175 @@
+"""AMP, gradient accumulation, SWA, torch.compile and the non-finite guard, each checked for what it promises."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
+from ddp_kit.config import CheckpointConfig
+from ddp_kit.data import write_h5
+
+from conftest import tiny_overrides
+from procs import REPO, run, torchrun_command, train_command
+
+pytestmark = pytest.mark.slow
+CONFIG = REPO / "configs" / "digits.yaml"
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoints(run_dir: Path) -> list[dict]:
+    return [load_checkpoint(p) for p in sorted((run_dir / "checkpoints").glob("ckpt_step*.pt"))]
+
+
+def final_state(run_dir: Path) -> dict:
+    return load_checkpoint(CheckpointManager(run_dir / "checkpoints", CheckpointConfig()).latest())
+
+
+def test_accumulation_all_reduces_once_per_optimizer_step(tiny_h5, tmp_path):
+    # 96 rows / 2 ranks / batch 4 = 12 micro-batches per epoch; K=4 -> 3 optimizer steps per epoch, 2 epochs
+    overrides = tiny_overrides(tiny_h5, tmp_path, "accum", **{"train.batch_size": 4, "train.accum_steps": 4})
+    run(torchrun_command(2, str(SCRIPTS / "count_allreduce.py"), str(CONFIG), *overrides), timeout=180)
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / "accum" / f"allreduce_rank{rank}.json").read_text())
+        assert counts["steps"] == 6 and counts["forwards"] == 24
+        assert counts["bucket0_allreduces"] == 6  # one gradient all-reduce per optimizer step, none per micro-step
+
+
+def _equivalence_files(tmp_path: Path) -> tuple[Path, Path]:
+    """80 training rows. One process, batch 32: steps see rows [0,32), [32,64), [64,80) (a short last batch).
+    Two processes, batch 8, K=2, shuffle none: rank 0 reads file rows 0..39, rank 1 rows 40..79, two
+    micro-batches per step and a one-micro-batch last window. The second file permutes the rows so that every
+    optimizer step of the 2-process run sees exactly the samples the 1-process run's step sees."""
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(80, 1, 4, 4)).astype(np.float32)
+    labels = rng.integers(0, 3, size=80).astype(np.int64)
+    val_images, val_labels = images[:16], labels[:16]
+    order = np.r_[0:16, 32:48, 64:72, 16:32, 48:64, 72:80]  # file row -> sample of the 1-process order
+    paths = []
+    for name, rows in (("single.h5", np.arange(80)), ("pair.h5", order)):
+        path = tmp_path / name
+        write_h5(path, images[rows], labels[rows], group="train", chunk_rows=8)
+        write_h5(path, val_images, val_labels, group="val", append_group=True)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def test_accumulation_equals_a_larger_batch(tmp_path):
+    single, pair = _equivalence_files(tmp_path)
+    common = {"model.name": "mlp", "model.num_classes": 3, "data.shuffle": "none", "data.mean": "[0.0]",
+              "data.std": "[1.0]", "train.epochs": 3, "optim.name": "adamw", "optim.lr": 0.01,
+              "optim.weight_decay": 0.01, "train.deterministic": "true"}
+    run(train_command(1, CONFIG, tiny_overrides(single, tmp_path, "one", **common, **{"train.batch_size": 32})))
+    run(train_command(2, CONFIG, tiny_overrides(pair, tmp_path, "two", **common, **{
+        "train.batch_size": 8, "train.accum_steps": 2})), timeout=180)
+    one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert one["step"] == two["step"] == 9  # 3 steps per epoch, the last one over 16 samples
+    for key, value in one["model"].items():
+        torch.testing.assert_close(two["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    initial_gap = max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"])
+    assert initial_gap < 1e-5
+
+
+def test_swa_average_is_the_mean_of_epoch_snapshots(tiny_h5, tmp_path):
+    overrides = tiny_overrides(tiny_h5, tmp_path, "swa", **{
+        "train.epochs": 4, "swa.enabled": "true", "swa.start": 2, "swa.lr": 0.02, "checkpoint.keep_last": 10})
+    run(train_command(1, CONFIG, overrides))
+    states = {s["epoch"]: s for s in checkpoints(tmp_path / "swa")}
+    final = states[4]
+    assert final["swa_n_averaged"] == 2
+    for key, value in final["swa_model"].items():
+        if "running" in key or "num_batches" in key:
+            continue
+        expected = (states[3]["model"][key].double() + states[4]["model"][key].double()) / 2
+        torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-7, msg=key)
+    records = metrics(tmp_path / "swa")
+    assert "swa_val_acc" not in records[1]
+    assert all(isinstance(r["swa_val_acc"], float) for r in records[2:])
+    assert (tmp_path / "swa" / "swa_model.pt").is_file()
+    assert final["swa_scheduler"] is not None
+
+
+def test_swa_batchnorm_statistics_combine_all_ranks_exactly(tmp_path):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    run([sys.executable, str(SCRIPTS / "bn_stats.py"), str(one)])
+    run(torchrun_command(2, str(SCRIPTS / "bn_stats.py"), str(two)), timeout=120)
+    single, pair = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert single.keys() == pair.keys() and len(single) == 6
+    for key in single:
+        torch.testing.assert_close(pair[key], single[key], rtol=1e-6, atol=1e-6, msg=key)
+    # rank 0's shard alone gives other statistics: the combination is not just rank 0's
+    run([sys.executable, str(SCRIPTS / "bn_stats.py"), str(tmp_path / "half.pt"), "32"])
+    half = torch.load(tmp_path / "half.pt", weights_only=True)
+    assert not torch.allclose(half["features.0.1.running_mean"], single["features.0.1.running_mean"])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_amp_on_cpu(tiny_h5, tmp_path, dtype):
+    extra = {"amp.enabled": "true", "amp.dtype": dtype}
+    if dtype == "fp16":
+        extra["amp.init_scale"] = 2.0 ** 40  # overflows fp16 at first: the scaler must skip and back off
+    run(train_command(1, CONFIG, tiny_overrides(tiny_h5, tmp_path, dtype, **extra)))
+    final = final_state(tmp_path / dtype)
+    assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
+    records = metrics(tmp_path / dtype)
+    assert records[-1]["val_acc"] is not None
+    if dtype == "fp16":
+        assert final["scaler"] is not None and final["scaler"]["scale"] < 2.0 ** 40
+        assert records[-1]["skipped_scaler_steps"] >= 1
+    else:
+        assert final["scaler"] is None and records[-1]["skipped_scaler_steps"] == 0
+
+
+def _file_with_nan(tmp_path: Path, bad_row: int) -> Path:
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(96, 1, 8, 8)).astype(np.float32)
+    images[bad_row, 0, 0, 0] = np.nan
+    labels = rng.integers(0, 4, size=96).astype(np.int64)
+    path = tmp_path / "nan.h5"
+    write_h5(path, images, labels, group="train", chunk_rows=16)
+    write_h5(path, images[:32] * 0, labels[:32], group="val", append_group=True)
+    return path
+
+
+def test_nonfinite_loss_on_one_rank_is_skipped_by_all(tmp_path):
+    # shuffle none: rank 1 reads rows 48..95; row 60 is in its 2nd batch of 8 -> optimizer step 2
+    path = _file_with_nan(tmp_path, bad_row=60)
+    overrides = tiny_overrides(path, tmp_path, "skip", **{"data.shuffle": "none", "data.mean": "[0.0]",
+                                                         "data.std": "[1.0]", "train.batch_size": 8})
+    run(train_command(2, CONFIG, overrides), timeout=180)
+    records = metrics(tmp_path / "skip")
+    assert [r["skipped_nonfinite_steps"] for r in records] == [1, 2]  # once per epoch, counted cumulatively
+    assert records[-1]["step"] == 12
+    assert all(torch.isfinite(v).all() for v in final_state(tmp_path / "skip")["model"].values()
+               if v.is_floating_point())
+
+
+def test_nonfinite_loss_stop_checkpoints_and_names_step_and_rank(tmp_path):
+    path = _file_with_nan(tmp_path, bad_row=60)
+    overrides = tiny_overrides(path, tmp_path, "stop", **{"data.shuffle": "none", "data.mean": "[0.0]",
+                                                         "data.std": "[1.0]", "train.on_nonfinite": "stop"})
+    out = run(train_command(2, CONFIG, overrides), timeout=180, check=False)
+    assert out.returncode != 0
+    assert "non-finite loss in optimizer step 2 (epoch 0) on rank 1" in out.stdout
+    state = final_state(tmp_path / "stop")  # the last good state: after step 1, before the bad batch
+    assert state["step"] == 1 and state["batches_in_epoch"] == 1
+
+
+def test_compile_in_two_processes_keeps_checkpoints_clean(tiny_h5, tmp_path):
+    overrides = tiny_overrides(tiny_h5, tmp_path, "compiled", **{
+        "model.name": "mlp", "compile.enabled": "true", "train.epochs": 1})
+    out = run(train_command(2, CONFIG, overrides), timeout=420).stdout
+    assert "torch.compile: first step" in out
+    state = final_state(tmp_path / "compiled")
+    assert state["step"] == 6
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in state["model"])
+    assert metrics(tmp_path / "compiled")[-1]["val_acc"] is not None
