@@ -1,0 +1,40 @@
+"""HDF5 data pipeline: validated files, DDP-aware batch samplers, batched readers, device-side augmentation.
+
+The training loop needs only:
+    prepare_data(cfg)          every process, before the process group: create the demo file, validate
+    build_dataloaders(cfg,...) this rank's Loaders (train/val DataLoaders yielding (images, labels, row_ids))
+    to_device(images, labels, device, cfg, train=...)
+Converters, inspection and `register_cli` back the `ddp-kit data ...` commands. See docs/data.md.
+"""
+
+from ddp_kit.data.cli import register_cli
+from ddp_kit.data.convert import convert_imagefolder, convert_npz, write_digits
+from ddp_kit.data.dataset import H5ImageDataset, InMemoryImageDataset
+from ddp_kit.data.device import to_device
+from ddp_kit.data.errors import DataError
+from ddp_kit.data.hdf5 import SplitInfo, describe_split
+from ddp_kit.data.inspection import inspect_h5
+from ddp_kit.data.loader import Loaders, build_dataloaders
+from ddp_kit.data.prepare import prepare_data
+from ddp_kit.data.sampler import ShardBatchSampler, TrainBatchSampler
+from ddp_kit.data.writer import write_h5
+
+__all__ = [
+    "DataError",
+    "H5ImageDataset",
+    "InMemoryImageDataset",
+    "Loaders",
+    "ShardBatchSampler",
+    "SplitInfo",
+    "TrainBatchSampler",
+    "build_dataloaders",
+    "convert_imagefolder",
+    "convert_npz",
+    "describe_split",
+    "inspect_h5",
+    "prepare_data",
+    "register_cli",
+    "to_device",
+    "write_digits",
+    "write_h5",
+]

@@ -1,0 +1,57 @@
+"""Moving a batch to the device and preparing it there: scaling, augmentation, normalization.
+
+Batches travel as stored (uint8 is 4x smaller than float32) and become float on the device. Augmentation
+runs per batch on the device with per-sample random parameters drawn from torch's global RNG of that
+device, so `torch.manual_seed` makes a run reproducible.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ddp_kit.config import DataConfig
+
+
+@functools.lru_cache(maxsize=16)
+def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # Cached: building it every batch would be a small blocking host-to-device copy per step.
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+
+def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """Zero-pad every side by `padding`, then crop each image back to its size at its own random offset."""
+    n, _, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding)).permute(0, 2, 3, 1)  # N x H' x W' x C
+    offsets = torch.randint(0, 2 * padding + 1, (2, n, 1), device=images.device)
+    rows = offsets[0] + torch.arange(height, device=images.device)  # N x H
+    cols = offsets[1] + torch.arange(width, device=images.device)  # N x W
+    batch = torch.arange(n, device=images.device).view(n, 1, 1)
+    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, cfg: DataConfig, *,
+              train: bool, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transfer a batch (non-blocking; pinned memory makes it asynchronous), scale uint8 to [0, 1]
+    (float images are taken as already scaled), augment when `train`, normalize with cfg.mean/std.
+
+    Returns float32 images (channels-last memory format if asked) and int64 labels on `device`.
+    """
+    x = images.to(device, non_blocking=True).to(torch.float32)
+    if images.dtype == torch.uint8:
+        x = x.div_(255)  # in place is safe: the cast above made a new tensor
+    if train and cfg.random_crop_padding:
+        x = random_crop(x, cfg.random_crop_padding)
+    if train and cfg.horizontal_flip:
+        x = random_horizontal_flip(x)
+    x = (x - _per_channel(tuple(cfg.mean), x.device)) / _per_channel(tuple(cfg.std), x.device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=memory_format), labels.to(device, non_blocking=True, dtype=torch.int64)

@@ -1,0 +1,137 @@
+"""DataLoaders for DDP training and evaluation, built from DataConfig.
+
+The loaders run with batch_size=None: the samplers yield whole batches of row ids and the dataset makes
+one read per batch. DataLoader settings (pin_memory, persistent workers, prefetching, start method, worker
+seeding) are chosen here from the config so the training loop only iterates.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ddp_kit.config import DataConfig
+from ddp_kit.data.dataset import H5ImageDataset, InMemoryImageDataset, load_images, load_labels
+from ddp_kit.data.errors import DataError
+from ddp_kit.data.hdf5 import SplitInfo, config_splits
+from ddp_kit.data.sampler import ShardBatchSampler, TrainBatchSampler
+from ddp_kit.preemption import protect_dataloader_worker
+
+
+@dataclass
+class Loaders:
+    train: DataLoader  # yields (images, labels, row_ids); len() is the same on every rank
+    val: DataLoader  # this rank's disjoint shard of the validation split, unpadded
+    train_sampler: TrainBatchSampler  # call set_epoch(epoch, start_batch=0) before every epoch
+    train_size: int  # rows in the training split (before padding or drop_last)
+    val_size: int  # rows in the validation split (the sum over ranks of the rows evaluated)
+    train_eval: DataLoader  # the training split sharded like `val` (file order, unpadded): statistics passes
+    sample_shape: tuple[int, int, int]  # (C, H, W) of one image, as the loaders yield it
+
+
+def seed_worker(worker_id: int, *, seed: int, rank: int) -> None:
+    """DataLoader worker_init_fn: seed numpy, random and torch from (seed, rank, worker id), so workers of
+    different ranks never share a random stream and a rerun with the same seed repeats them."""
+    worker_seed = int(np.random.SeedSequence([seed % 2**64, rank, worker_id]).generate_state(1, np.uint64)[0])
+    np.random.seed(worker_seed % 2**32)
+    random.seed(worker_seed)
+    torch.manual_seed(worker_seed)
+    # Launchers signal whole process groups: a worker must outlive a stop until its trainer checkpointed.
+    protect_dataloader_worker()
+
+
+def _check_shapes(train: SplitInfo, val: SplitInfo, in_channels: int) -> None:
+    for split in (train, val):
+        _check_channels(split, in_channels)
+    if train.image_shape != val.image_shape:
+        raise DataError(f"{val.path}: '{val.images_path}' holds images of shape {val.image_shape} (C, H, W) but "
+                        f"{train.path}: '{train.images_path}' holds {train.image_shape}; both splits need the "
+                        "same image size")
+
+
+def _check_channels(split: SplitInfo, in_channels: int) -> None:
+    if split.channels == in_channels:
+        return
+    hint = "fix model.in_channels or convert the images"
+    if split.layout == "NCHW" and split.row_shape[-1] == in_channels:
+        hint = "the images look like N x H x W x C: set data.layout: NHWC (or store a layout attribute)"
+    raise DataError(f"{split.path}: '{split.images_path}' has {split.channels} channel(s) (each image "
+                    f"{split.row_shape}, layout {split.layout}) but model.in_channels is {in_channels}; {hint}")
+
+
+def _chunks_spanned(rows: int, split: SplitInfo) -> int:
+    return math.ceil(rows / split.chunk_rows) if split.chunk_rows else 1
+
+
+def _dataset(split: SplitInfo, cfg: DataConfig, *, num_classes: int, shuffle: str, batch_size: int,
+             block_rows: int) -> Dataset:
+    """The dataset for one split, its reads tuned to the sampler's `shuffle` mode (chunk, full or none)."""
+    labels = load_labels(split, num_classes)
+    if cfg.in_memory:
+        return InMemoryImageDataset(split, load_images(split), labels)
+    if shuffle == "chunk":
+        # Every block one batch can touch: a batch spans its windows plus one it straddles into, and the
+        # next batch continues in the last of them, so each block is read once per worker. The 2 extra
+        # hold the partial blocks at a rank's slice boundaries.
+        windows = math.ceil(batch_size / (cfg.shuffle_window * block_rows)) + 1
+        blocks = cfg.shuffle_window * windows + 2
+        return H5ImageDataset(split, labels, block_rows=block_rows, cache_blocks=blocks,
+                              chunks_per_read=_chunks_spanned(block_rows, split))
+    if shuffle == "full":
+        return H5ImageDataset(split, labels)
+    return H5ImageDataset(split, labels, chunks_per_read=_chunks_spanned(batch_size, split))
+
+
+def _loader(dataset: Dataset, sampler, cfg: DataConfig, *, device: torch.device, seed: int,
+            rank: int) -> DataLoader:
+    workers = cfg.num_workers
+    options = {}
+    if workers:
+        options = dict(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor,
+                       multiprocessing_context=cfg.multiprocessing_context)
+    pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
+    # A private generator: creating worker iterators must not consume the training's global torch RNG.
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**64, rank]).generate_state(1)[0]))
+    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=pin,
+                      worker_init_fn=functools.partial(seed_worker, seed=seed, rank=rank), generator=generator,
+                      **options)
+
+
+def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, rank: int, world_size: int,
+                      seed: int, device: torch.device, num_classes: int, in_channels: int) -> Loaders:
+    """Validate the splits against the model and build this rank's training and validation loaders.
+
+    Raises DataError (naming file and key) for unusable data, before any batch is read.
+    """
+    train_split, val_split = config_splits(cfg)
+    _check_shapes(train_split, val_split, in_channels)
+    block_rows = cfg.block_size or train_split.default_block_rows
+    try:
+        train_sampler = TrainBatchSampler(train_split.length, batch_size=batch_size, rank=rank,
+                                          world_size=world_size, seed=seed, shuffle=cfg.shuffle,
+                                          block_rows=block_rows, shuffle_window=cfg.shuffle_window,
+                                          drop_last=cfg.drop_last)
+    except ValueError as exc:
+        raise DataError(f"{train_split.path}: '{train_split.images_path}': {exc}") from exc
+    val_sampler = ShardBatchSampler(val_split.length, batch_size=val_batch_size, rank=rank, world_size=world_size)
+    train_eval_sampler = ShardBatchSampler(train_split.length, batch_size=val_batch_size, rank=rank,
+                                           world_size=world_size)
+    train_set = _dataset(train_split, cfg, num_classes=num_classes, shuffle=cfg.shuffle, batch_size=batch_size,
+                         block_rows=block_rows)
+    val_set = _dataset(val_split, cfg, num_classes=num_classes, shuffle="none", batch_size=val_batch_size,
+                       block_rows=block_rows)
+    return Loaders(
+        train=_loader(train_set, train_sampler, cfg, device=device, seed=seed, rank=rank),
+        val=_loader(val_set, val_sampler, cfg, device=device, seed=seed, rank=rank),
+        train_sampler=train_sampler,
+        train_size=train_split.length,
+        val_size=val_split.length,
+        train_eval=_loader(train_set, train_eval_sampler, cfg, device=device, seed=seed, rank=rank),
+        sample_shape=train_split.image_shape,
+    )

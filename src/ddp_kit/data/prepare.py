@@ -1,0 +1,38 @@
+"""`prepare_data`: make sure the configured data exists and is usable, once per machine, before training."""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+from typing import Callable
+
+from ddp_kit.config import DataConfig
+from ddp_kit.data.convert import write_digits
+from ddp_kit.data.hdf5 import config_splits
+
+BUILDERS: dict[str, Callable[[Path], None]] = {"digits": write_digits}  # data.create_if_missing choices
+
+
+def _create_once(path: Path, build: Callable[[Path], None]) -> None:
+    """Run `build(path)` in exactly one of the processes racing here; the others wait for it.
+
+    The lock is an flock on a sibling `<name>.lock` file, left in place: deleting it would let a late
+    process lock a fresh inode while another still holds the old one. `build` writes atomically (temporary
+    file + rename), so a process that does not take the lock still never sees a half-written file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            build(path)
+
+
+def prepare_data(cfg: DataConfig) -> None:
+    """Create the demo file if configured and missing, then validate the train and validation splits.
+
+    Called by every process before any process group exists; raises DataError naming file and key.
+    """
+    path = Path(cfg.path)
+    if cfg.create_if_missing is not None and not path.exists():
+        _create_once(path, BUILDERS[cfg.create_if_missing])
+    config_splits(cfg)

@@ -1,0 +1,35 @@
+"""Small HDF5 files with known contents for the data tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ddp_kit.config import DataConfig
+from ddp_kit.data import write_h5
+
+
+def make_arrays(n: int, shape=(3, 4, 5), num_classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images whose first pixel encodes the row (so a wrong row is easy to spot) and random labels."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    images.reshape(n, -1)[:, 0] = np.arange(n) % 256
+    return images, rng.integers(0, num_classes, size=n).astype(np.int64)
+
+
+def make_file(path: Path, n: int = 100, *, groups=("train", "val"), shape=(3, 4, 5), chunk_rows: int = 7,
+              compression=None, layout: str = "NCHW") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A file with one split per group (each of n rows, different contents); returns the arrays written."""
+    arrays = {}
+    for i, group in enumerate(groups):
+        images, labels = make_arrays(n, shape, seed=i)
+        write_h5(path, images, labels, group=group, layout=layout, chunk_rows=chunk_rows, compression=compression,
+                 append_group=i > 0)
+        arrays[group] = (images, labels)
+    return arrays
+
+
+def data_config(path: Path, **overrides) -> DataConfig:
+    """Config for tests: no workers unless asked, so most tests stay in one process."""
+    return DataConfig(path=str(path), **{"num_workers": 0, **overrides})

@@ -1,0 +1,175 @@
+"""Reading: batched fetches return the right rows, handles are per process, loaders work with real workers."""
+
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from data_helpers import data_config, make_arrays, make_file
+from ddp_kit.data import H5ImageDataset, build_dataloaders, describe_split, write_h5
+from ddp_kit.data.dataset import load_labels
+
+pytestmark = pytest.mark.timeout(120)
+CPU = torch.device("cpu")
+
+
+def dataset(path, group="train", **kwargs):
+    split = describe_split(path, group=group)
+    return H5ImageDataset(split, load_labels(split, num_classes=10), **kwargs)
+
+
+def loaders(cfg, *, rank=0, world_size=1, batch_size=8, val_batch_size=16, seed=0):
+    return build_dataloaders(cfg, batch_size=batch_size, val_batch_size=val_batch_size, rank=rank,
+                             world_size=world_size, seed=seed, device=CPU, num_classes=10, in_channels=3)
+
+
+def check_batch(batch, images, labels):
+    x, y, ids = batch
+    assert x.dtype == torch.uint8 and y.dtype == torch.int64 and ids.dtype == torch.int64
+    np.testing.assert_array_equal(x.numpy(), images[ids.numpy()])
+    np.testing.assert_array_equal(y.numpy(), labels[ids.numpy()])
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+@pytest.mark.parametrize("block_cache", [False, True])
+def test_batches_match_the_arrays_in_any_order(tmp_path, compression, block_cache):
+    arrays = make_file(tmp_path / "d.h5", 100, compression=compression)
+    ds = dataset(tmp_path / "d.h5", **({"block_rows": 7, "cache_blocks": 3} if block_cache else {}))
+    for rows in ([0, 1, 2, 3], [99, 3, 50, 4, 5], [10, 10, 2, 10], list(range(100)), [42]):
+        batch = ds[rows]
+        assert batch[2].tolist() == rows, "rows come back in the order asked for"
+        check_batch(batch, *arrays["train"])
+
+
+def test_out_of_range_rows_are_refused(tmp_path):
+    make_file(tmp_path / "d.h5", 10)
+    with pytest.raises(IndexError, match=r"\[0, 10\)"):
+        dataset(tmp_path / "d.h5")[[3, 10]]
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NHW"])
+def test_other_layouts_come_back_as_nchw(tmp_path, layout):
+    shape = (4, 5, 3) if layout == "NHWC" else (4, 5)
+    images, labels = make_arrays(20, shape)
+    write_h5(tmp_path / "d.h5", images, labels, layout="NHWC" if layout == "NHWC" else "NCHW")
+    split = describe_split(tmp_path / "d.h5")
+    x, _, _ = H5ImageDataset(split, load_labels(split, 10))[[1, 5]]
+    expected = images[[1, 5]].transpose(0, 3, 1, 2) if layout == "NHWC" else images[[1, 5], None]
+    assert split.channels == (3 if layout == "NHWC" else 1)
+    np.testing.assert_array_equal(x.numpy(), expected)
+
+
+def test_float_images_keep_their_dtype(tmp_path):
+    images = np.random.default_rng(0).random((12, 1, 3, 3), dtype=np.float32)
+    write_h5(tmp_path / "f.h5", images, np.arange(12) % 3)
+    split = describe_split(tmp_path / "f.h5")
+    x, _, _ = H5ImageDataset(split, load_labels(split, 3))[[2, 7]]
+    assert x.dtype == torch.float32
+    np.testing.assert_array_equal(x.numpy(), images[[2, 7]])
+
+
+def test_handle_is_opened_lazily_never_pickled_and_reopened_in_a_new_process(tmp_path):
+    arrays = make_file(tmp_path / "d.h5", 30)
+    ds = dataset(tmp_path / "d.h5", block_rows=7, cache_blocks=2)
+    assert ds._file is None, "nothing is opened in __init__"
+    fresh = pickle.loads(pickle.dumps(ds))
+    check_batch(fresh[[1, 2]], *arrays["train"])
+    check_batch(ds[[4, 20]], *arrays["train"])
+    assert ds._file is not None and ds._blocks
+    copy = pickle.loads(pickle.dumps(ds))  # an open h5py handle cannot be pickled: this proves it is dropped
+    assert copy._file is None and not copy._blocks
+    check_batch(copy[[0, 29]], *arrays["train"])
+    ds._pid = -1  # as if this object had been inherited by a forked child
+    first_handle = ds._file
+    check_batch(ds[[27]], *arrays["train"])  # a block not cached yet, so the file is read
+    assert ds._file is not first_handle and ds._pid == os.getpid()
+    ds.close()
+    check_batch(ds[[6]], *arrays["train"])
+
+
+@pytest.mark.parametrize("context, shuffle", [("fork", "chunk"), ("fork", "full"), ("spawn", "chunk")])
+def test_loader_with_two_workers_reads_the_right_samples(tmp_path, context, shuffle):
+    arrays = make_file(tmp_path / "d.h5", 90, compression="gzip")
+    cfg = data_config(tmp_path / "d.h5", num_workers=2, multiprocessing_context=context, shuffle=shuffle)
+    built = loaders(cfg)
+    assert built.train_size == 90 and built.val_size == 90 and len(built.train) == 12
+    for epoch in range(2):  # persistent workers carry over to the second epoch
+        built.train_sampler.set_epoch(epoch)
+        seen = []
+        for batch in built.train:
+            check_batch(batch, *arrays["train"])
+            seen.extend(batch[2].tolist())
+        assert sorted(seen) == list(range(90))
+    val_rows = []
+    for batch in built.val:
+        check_batch(batch, *arrays["val"])
+        val_rows.extend(batch[2].tolist())
+    assert val_rows == list(range(90))
+
+
+def test_loader_order_matches_the_sampler_and_resumes_mid_epoch(tmp_path):
+    make_file(tmp_path / "d.h5", 60)
+    built = loaders(data_config(tmp_path / "d.h5", num_workers=2), batch_size=5)
+    built.train_sampler.set_epoch(3)
+    full = [batch[2].tolist() for batch in built.train]
+    assert full == [b.tolist() for b in built.train_sampler]
+    built.train_sampler.set_epoch(3, start_batch=4)
+    assert [batch[2].tolist() for batch in built.train] == full[4:]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_cover_the_training_split_once_and_validation_once(tmp_path, world_size):
+    make_file(tmp_path / "d.h5", 50)
+    cfg = data_config(tmp_path / "d.h5", drop_last=True)
+    ranks = [loaders(cfg, rank=r, world_size=world_size, batch_size=4) for r in range(world_size)]
+    assert len({len(r.train) for r in ranks}) == 1
+    train_rows, val_rows, train_eval_rows = [], [], []
+    for r in ranks:
+        r.train_sampler.set_epoch(1)
+        train_rows += [i for batch in r.train for i in batch[2].tolist()]
+        val_rows += [i for batch in r.val for i in batch[2].tolist()]
+        train_eval_rows += [i for batch in r.train_eval for i in batch[2].tolist()]
+    assert len(train_rows) == len(set(train_rows)) == 50 // (4 * world_size) * 4 * world_size
+    assert val_rows == list(range(50)), "validation: every row once, no padding, shards in order"
+    assert train_eval_rows == list(range(50)), "train_eval: the training split sharded the same way"
+    assert ranks[0].sample_shape == (3, 4, 5)
+
+
+@pytest.mark.parametrize("context", ["fork", "forkserver"])
+def test_in_memory_mode_serves_the_same_batches_from_shared_memory(tmp_path, context):
+    make_file(tmp_path / "d.h5", 70)
+    from_file = loaders(data_config(tmp_path / "d.h5"))
+    in_memory = loaders(data_config(tmp_path / "d.h5", in_memory=True, num_workers=2,
+                                    multiprocessing_context=context))
+    assert in_memory.train.dataset.images.is_shared() and in_memory.train.dataset.labels.is_shared()
+    for built in (from_file, in_memory):
+        built.train_sampler.set_epoch(2)
+    for a, b in zip(from_file.train, in_memory.train, strict=True):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_worker_seeds_differ_by_rank_and_worker_and_repeat(tmp_path):
+    make_file(tmp_path / "d.h5", 40)
+
+    def first_draws(rank):
+        built = loaders(data_config(tmp_path / "d.h5", num_workers=2, persistent_workers=False), rank=rank,
+                        world_size=2)
+        built.train_sampler.set_epoch(0)
+        init = built.train.worker_init_fn
+        draws = []
+        saved = np.random.get_state(), random.getstate()
+        with torch.random.fork_rng():  # the init function reseeds this process's global generators
+            for worker in range(2):
+                init(worker)
+                draws.append((np.random.randint(2**31), random.random(), torch.randint(2**31, ()).item()))
+        np.random.set_state(saved[0])
+        random.setstate(saved[1])
+        return draws
+
+    rank0, rank1 = first_draws(0), first_draws(1)
+    assert rank0 == first_draws(0)
+    assert len(set(rank0 + rank1)) == 4
