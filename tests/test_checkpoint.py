@@ -393,7 +393,9 @@ def test_kill_during_save_leaves_a_complete_latest_checkpoint(tmp_path):
     latest = manager.latest()
     assert latest is not None and latest not in stale
     state = load_checkpoint(latest)
-    assert latest == manager.checkpoint_path(state["step"]) and state["step"] >= 2
+    # The `last` pointer may still name the previous save if the kill came before it was updated: both are
+    # complete, and the pointer wins (after a fresh start in an old run directory the highest step is stale).
+    assert latest == manager.checkpoint_path(state["step"]) and state["step"] >= 1
     assert state["model"]["w"][0] == state["step"]
     # The next save clears what the killed one left behind.
     manager.save(tiny_state(state["step"] + 1000), step=state["step"] + 1000, epoch=0)

@@ -152,8 +152,10 @@ def test_in_memory_mode_serves_the_same_batches_from_shared_memory(tmp_path, con
             assert torch.equal(x, y)
 
 
-def test_worker_seeds_differ_by_rank_and_worker_and_repeat(tmp_path):
+def test_worker_seeds_differ_by_rank_and_worker_and_repeat(tmp_path, monkeypatch):
     make_file(tmp_path / "d.h5", 40)
+    # The init function also reshapes signal handling for a worker process; not for pytest's own process.
+    monkeypatch.setattr("ddp_kit.data.loader.protect_dataloader_worker", lambda: None)
 
     def first_draws(rank):
         built = loaders(data_config(tmp_path / "d.h5", num_workers=2, persistent_workers=False), rank=rank,

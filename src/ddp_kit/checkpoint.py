@@ -201,7 +201,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                 f"containers are accepted (torch.load weights_only=True)") from None
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: corrupt pickle data "
                               f"({_first_sentence(exc)})") from exc
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as exc:
+    except Exception as exc:  # garbage bytes make the weights-only unpickler fail in any way (IndexError, ...)
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: truncated, corrupt or not written by "
                               f"torch.save ({_first_sentence(exc)})") from exc
 
