@@ -115,7 +115,8 @@ def train(cfg: Config) -> dict:
         if rt.world_size > 1:
             ddp = train_model = DDP(
                 model, device_ids=[device] if device.type == "cuda" else None,
-                bucket_cap_mb=cfg.distributed.bucket_cap_mb, find_unused_parameters=cfg.distributed.find_unused_parameters,
+                bucket_cap_mb=cfg.distributed.bucket_cap_mb,
+                find_unused_parameters=cfg.distributed.find_unused_parameters,
                 static_graph=cfg.distributed.static_graph, gradient_as_bucket_view=True)
         if cfg.compile.enabled:
             # Compile the DDP wrapper, not the bare model: DDP's graph splitter then cuts the graph at bucket
@@ -140,7 +141,6 @@ def train(cfg: Config) -> dict:
 
         status, record = "completed", {}
         skipped_nonfinite = skipped_by_scaler = 0
-        last_saved_step = step if resume_path is not None else -1
         compile_pending = cfg.compile.enabled
         grad_norm = torch.zeros((), device=device)
 
@@ -241,7 +241,6 @@ def train(cfg: Config) -> dict:
                     _save(manager, rt, cfg, model, optimizer, scheduler, scaler, swa_model, swa_scheduler,
                           epoch=epoch, step=step, batches_in_epoch=micro,
                           tag="preempt" if stop_now else "periodic")
-                    last_saved_step = step
                 if stop_now:
                     if rt.is_main:
                         write_requeue_marker(run_dir, cfg.preemption.requeue_marker, step=step,
@@ -279,7 +278,6 @@ def train(cfg: Config) -> dict:
                 _save(manager, rt, cfg, model, optimizer, scheduler, scaler, swa_model, swa_scheduler,
                       epoch=epoch + 1, step=step, batches_in_epoch=0, metrics=record,
                       tag="final" if last_epoch else "periodic")
-                last_saved_step = step
 
         # ------------------------------------------------------------------ teardown
         if rt.is_main and status == "completed" and manager.latest() is not None:
@@ -287,7 +285,7 @@ def train(cfg: Config) -> dict:
             if swa_model is not None:
                 export_weights(manager.latest(), run_dir / "swa_model.pt", swa=True)
         distributed.barrier(rt)
-        return {**record, "status": status, "step": step, "last_saved_step": last_saved_step}
+        return {**record, "status": status, "step": step}
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, swa: bool = False) -> dict:
