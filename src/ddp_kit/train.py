@@ -9,6 +9,7 @@ and are read at log intervals.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -80,7 +81,9 @@ def train(cfg: Config) -> dict:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, steps_per_epoch, total_steps)
-        amp_dtype = AMP_DTYPES[cfg.amp.dtype]
+        # Without AMP, no autocast at all: entering a disabled one every micro-step is a measurable cost.
+        autocast = (functools.partial(torch.autocast, device.type, dtype=AMP_DTYPES[cfg.amp.dtype])
+                    if cfg.amp.enabled else contextlib.nullcontext)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler(device.type, init_scale=cfg.amp.init_scale,
                                       enabled=cfg.amp.enabled and cfg.amp.dtype == "fp16")
@@ -154,9 +157,9 @@ def train(cfg: Config) -> dict:
             if swa_phase and swa_scheduler is None:
                 swa_scheduler = SWALR(optimizer, swa_lr=cfg.swa.lr, anneal_epochs=cfg.swa.anneal_epochs,
                                       anneal_strategy=cfg.swa.anneal_strategy)
-            epoch_loss = torch.zeros(2, device=device)  # sum of micro-batch losses, micro-batch count
-            interval_loss = torch.zeros(2, device=device)
-            window_loss = torch.zeros(2, device=device)
+            # Loss sums stay on the device (no host sync per step); the micro-batch counts are host ints.
+            epoch_loss, interval_loss, window_loss = (torch.zeros((), device=device) for _ in range(3))
+            epoch_micro = interval_micro = 0
             throughput, epoch_start = Throughput(), time.perf_counter()
             epoch_samples = 0
 
@@ -175,14 +178,14 @@ def train(cfg: Config) -> dict:
                 sync_context = ddp.no_sync() if ddp is not None and not last_in_window else contextlib.nullcontext()
                 first_step_start = time.perf_counter()
                 with sync_context:
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp.enabled):
+                    with autocast():
                         loss = F.cross_entropy(train_model(images), labels)
-                    scaler.scale(loss / window_len).backward()
+                    scaler.scale(loss / window_len if window_len > 1 else loss).backward()
                 if compile_pending:
                     compile_pending = False
                     logger.info(f"torch.compile: first step (compilation included) took "
                                 f"{time.perf_counter() - first_step_start:.1f} s")
-                window_loss += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+                window_loss += loss.detach().float()
                 micro += 1
                 epoch_samples += labels.numel()
                 throughput.add(labels.numel() * rt.world_size)
@@ -190,9 +193,13 @@ def train(cfg: Config) -> dict:
                     continue
 
                 # ---- optimizer step: every rank agrees on the flags, with one host read.
-                flags = torch.stack([(~torch.isfinite(window_loss[0])).float() * (rt.rank + 1),
-                                     torch.tensor(float(stop.signal_number or 0), device=device)])
-                nonfinite_rank, stop_signal = (int(f) for f in distributed.all_reduce_max(flags, rt).tolist())
+                if rt.world_size == 1:  # nothing to agree on: skip the tensor ops, a visible cost on tiny models
+                    nonfinite_rank = 0 if math.isfinite(window_loss.item()) else 1
+                    stop_signal = stop.signal_number or 0
+                else:
+                    flags = torch.stack([(~torch.isfinite(window_loss)).float() * (rt.rank + 1),
+                                         torch.tensor(float(stop.signal_number or 0), device=device)])
+                    nonfinite_rank, stop_signal = (int(f) for f in distributed.all_reduce_max(flags, rt).tolist())
                 stop_now = stop_signal > 0
                 log_now = (step + 1) % cfg.train.log_every_steps == 0
                 if nonfinite_rank:
@@ -223,6 +230,8 @@ def train(cfg: Config) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     epoch_loss += window_loss
                     interval_loss += window_loss
+                    epoch_micro += window_len
+                    interval_micro += window_len
                 window_loss.zero_()
                 if not swa_phase:
                     scheduler.step()
@@ -231,11 +240,12 @@ def train(cfg: Config) -> dict:
                 if log_now:
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)  # time finished kernels, not launches
-                    mean_loss, count = interval_loss.tolist()
+                    mean_loss, count = interval_loss.item(), interval_micro
                     logger.step(step, epoch, {
                         "loss": mean_loss / max(count, 1), "lr": optimizer.param_groups[0]["lr"],
                         "samples_per_s": throughput.rate_and_reset(), "grad_norm": float(grad_norm)})
                     interval_loss.zero_()
+                    interval_micro = 0
                 reached_max = cfg.train.max_steps is not None and step >= cfg.train.max_steps
                 if stop_now or reached_max or manager.should_save(step=step, epoch_end=False, epoch=epoch):
                     _save(manager, rt, cfg, model, optimizer, scheduler, scaler, swa_model, swa_scheduler,
@@ -261,7 +271,8 @@ def train(cfg: Config) -> dict:
             if swa_phase:
                 swa_model.update_parameters(model)
                 swa_scheduler.step()
-            loss_sum, loss_count = distributed.all_reduce_sum(epoch_loss.clone(), rt).tolist()
+            epoch_totals = torch.stack([epoch_loss, torch.tensor(float(epoch_micro), device=device)])
+            loss_sum, loss_count = distributed.all_reduce_sum(epoch_totals, rt).tolist()
             epoch_time = time.perf_counter() - epoch_start
             record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(loss_count, 1),
                       "val_loss": None, "val_acc": None, "lr": optimizer.param_groups[0]["lr"],
