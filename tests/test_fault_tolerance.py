@@ -356,6 +356,35 @@ def test_stop_signal_checkpoints_same_step_and_resumes_with_nothing_redone(runs,
     assert_same_model(reference, run_dir)
 
 
+def test_stop_signal_in_a_single_process_checkpoints_and_resumes_with_nothing_redone(runs, launches):
+    # One process takes the loop's no-collective path: the stop flag is read from the handler directly.
+    name = "stop_single_process"
+    run_dir = runs.run_dir(name)
+    launch = runs.start(launches, name, [sys.executable, *runs.train_args(name)])
+    wait_for_step(run_dir, launch, CHECKPOINT_EVERY + 2)
+    launch.proc.send_signal(signal.SIGUSR2)
+    assert launch.wait(60) == 0, launch.output()[-6000:]
+    marker = read_requeue_marker(run_dir, "REQUEUE")
+    assert marker is not None and marker["signal"] == "SIGUSR2", launch.output()[-6000:]
+    stopped = marker["step"]
+    assert max_step(run_dir, 0) == stopped
+    cfg = load_config(run_dir / "config.yaml")
+    assert load_checkpoint(CheckpointManager(run_dir / "checkpoints", cfg.checkpoint).latest())["step"] == stopped
+
+    resume = runs.start(launches, name, [sys.executable, *runs.train_args(name)], log_suffix="-resume")
+    assert resume.wait(240) == 0, resume.output()[-6000:]
+    assert resumed_step(resume.output()) == stopped
+    entries, counts = ledger(run_dir, world=1)
+    assert set(counts.values()) == {1}, "a step was redone after the stop"
+    import h5py
+
+    with h5py.File(cfg.data.path, "r") as f:
+        n_train = len(f[cfg.data.train_group][cfg.data.labels_key])
+    for epoch in range(2):
+        seen = Counter(i for (r, e, s, m), idx in entries.items() if e == epoch for i in idx)
+        assert sorted(seen.elements()) == list(range(n_train)), f"epoch {epoch} is not covered exactly once"
+
+
 def test_two_launchers_as_two_nodes_match_one_launcher(runs, reference, launches):
     name = "two_nodes"
     port = _free_port()

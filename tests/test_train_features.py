@@ -140,28 +140,41 @@ def _file_with_nan(tmp_path: Path, bad_row: int) -> Path:
     return path
 
 
-def test_nonfinite_loss_on_one_rank_is_skipped_by_all(tmp_path):
-    # shuffle none: rank 1 reads rows 48..95; row 60 is in its 2nd batch of 8 -> optimizer step 2
-    path = _file_with_nan(tmp_path, bad_row=60)
+# 96 rows, batches of 8, shuffle none; (processes, row holding the NaN) -> where it shows. One process: row 60
+# is in batch 8 -> optimizer step 8 of 12. Two processes: rank 0 reads rows 0..47, rank 1 rows 48..95; rows 12
+# and 60 are in the 2nd batch of rank 0 and rank 1 -> step 2 of 6, seen by that rank only.
+NAN_CASES = {(1, 60): {"steps_per_epoch": 12, "bad_step": 8, "rank": 0},
+             (2, 12): {"steps_per_epoch": 6, "bad_step": 2, "rank": 0},
+             (2, 60): {"steps_per_epoch": 6, "bad_step": 2, "rank": 1}}
+
+
+@pytest.mark.parametrize("nproc, bad_row", NAN_CASES)
+def test_nonfinite_loss_is_skipped_by_every_rank(tmp_path, nproc, bad_row):
+    path = _file_with_nan(tmp_path, bad_row)
     overrides = tiny_overrides(path, tmp_path, "skip", **{"data.shuffle": "none", "data.mean": "[0.0]",
                                                          "data.std": "[1.0]", "train.batch_size": 8})
-    run(train_command(2, CONFIG, overrides), timeout=180)
+    run(train_command(nproc, CONFIG, overrides), timeout=180)
     records = metrics(tmp_path / "skip")
     assert [r["skipped_nonfinite_steps"] for r in records] == [1, 2]  # once per epoch, counted cumulatively
-    assert records[-1]["step"] == 12
+    assert records[-1]["step"] == 2 * NAN_CASES[nproc, bad_row]["steps_per_epoch"]
     assert all(torch.isfinite(v).all() for v in final_state(tmp_path / "skip")["model"].values()
                if v.is_floating_point())
 
 
-def test_nonfinite_loss_stop_checkpoints_and_names_step_and_rank(tmp_path):
-    path = _file_with_nan(tmp_path, bad_row=60)
+@pytest.mark.parametrize("nproc, bad_row", NAN_CASES)
+def test_nonfinite_loss_stop_checkpoints_and_names_step_and_rank(tmp_path, nproc, bad_row):
+    path = _file_with_nan(tmp_path, bad_row)
     overrides = tiny_overrides(path, tmp_path, "stop", **{"data.shuffle": "none", "data.mean": "[0.0]",
-                                                         "data.std": "[1.0]", "train.on_nonfinite": "stop"})
-    out = run(train_command(2, CONFIG, overrides), timeout=180, check=False)
+                                                         "data.std": "[1.0]", "train.batch_size": 8,
+                                                         "train.on_nonfinite": "stop"})
+    out = run(train_command(nproc, CONFIG, overrides), timeout=180, check=False)
+    case = NAN_CASES[nproc, bad_row]
     assert out.returncode != 0
-    assert "non-finite loss in optimizer step 2 (epoch 0) on rank 1" in out.stdout
-    state = final_state(tmp_path / "stop")  # the last good state: after step 1, before the bad batch
-    assert state["step"] == 1 and state["batches_in_epoch"] == 1
+    assert f"non-finite loss in optimizer step {case['bad_step']} (epoch 0) on rank {case['rank']}" in out.stdout
+    state = final_state(tmp_path / "stop")  # the last good state: the step before the bad batch
+    assert state["step"] == case["bad_step"] - 1 and state["batches_in_epoch"] == case["bad_step"] - 1
+    # BatchNorm's running statistics included: the bad forward wrote NaN into them before the check saw it.
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_compile_in_two_processes_keeps_checkpoints_clean(tiny_h5, tmp_path):

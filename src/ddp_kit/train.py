@@ -146,6 +146,10 @@ def train(cfg: Config) -> dict:
         skipped_nonfinite = skipped_by_scaler = 0
         compile_pending = cfg.compile.enabled
         grad_norm = torch.zeros((), device=device)
+        # A non-finite forward has already written NaN/Inf into BatchNorm's running statistics by the time the
+        # flags say so: a skipped step restores them from this copy, and `stop` saves the good ones.
+        buffers = list(model.buffers())
+        buffers_before_window = [b.detach().clone() for b in buffers]
 
         # ------------------------------------------------------------------ loop
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -174,6 +178,8 @@ def train(cfg: Config) -> dict:
                                              "indices": indices.tolist()}) + "\n")
                 images, labels = data.to_device(images, labels, device, cfg.data, train=True,
                                                 channels_last=cfg.model.channels_last)
+                if buffers and micro == window_start:
+                    torch._foreach_copy_(buffers_before_window, buffers)
                 # The forward too must run under no_sync(): DDP prepares the all-reduce in forward.
                 sync_context = ddp.no_sync() if ddp is not None and not last_in_window else contextlib.nullcontext()
                 first_step_start = time.perf_counter()
@@ -203,6 +209,8 @@ def train(cfg: Config) -> dict:
                 stop_now = stop_signal > 0
                 log_now = (step + 1) % cfg.train.log_every_steps == 0
                 if nonfinite_rank:
+                    if buffers:
+                        torch._foreach_copy_(buffers, buffers_before_window)
                     optimizer.zero_grad(set_to_none=True)
                     if cfg.train.on_nonfinite == "stop":
                         _save(manager, rt, cfg, model, optimizer, scheduler, scaler, swa_model, swa_scheduler,
