@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import h5py
@@ -32,7 +34,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ddp_kit.config import DataConfig
-from ddp_kit.data import build_dataloaders
+from ddp_kit.data import build_dataloaders, describe_split
+from ddp_kit.data.loader import chunk_cache_blocks
+from ddp_kit.data.sampler import TrainBatchSampler
 from ddp_kit.data.writer import SplitWriter, atomic_h5
 
 METHODS = ("naive", "full", "chunk", "in-memory")
@@ -139,6 +143,29 @@ def samples_per_second(loader: DataLoader, set_epoch, seconds: float, windows: i
     raise AssertionError("unreachable: epochs repeat until the windows are done")
 
 
+def block_reads_per_epoch(rows: int, block_rows: int, batch_size: int, workers: int, *, order_for_workers: bool,
+                          shuffle_window: int = DataConfig.shuffle_window) -> int:
+    """Blocks read in one chunk-shuffled epoch by `workers` DataLoader workers, each with ddp_kit's block
+    cache, batches handed out round-robin: in the sampler's order for `workers`, or in plain sampling order."""
+    sampler = TrainBatchSampler(rows, batch_size=batch_size, rank=0, world_size=1, seed=0, shuffle="chunk",
+                                block_rows=block_rows, shuffle_window=shuffle_window,
+                                num_workers=workers if order_for_workers else 0)
+    capacity = chunk_cache_blocks(batch_size, shuffle_window, block_rows)
+    caches = [OrderedDict() for _ in range(workers)]
+    reads = 0
+    for position, batch in enumerate(sampler):
+        cache = caches[position % workers]
+        for block in np.unique(batch // block_rows).tolist():
+            if block in cache:
+                cache.move_to_end(block)
+                continue
+            reads += 1
+            cache[block] = None
+            if len(cache) > capacity:
+                cache.popitem(last=False)
+    return reads
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=float, default=150, help="size of the training images per file")
@@ -161,6 +188,7 @@ def main() -> None:
             path = Path(tmp) / f"{compression}.h5"
             start = time.perf_counter()
             write_file(path, rows, shape, None if compression == "none" else compression, args.chunk_rows)
+            block_rows = describe_split(path, group="train").default_block_rows  # chunk mode's block
             print(f"wrote {path.name}: {rows} images {shape}, {path.stat().st_size / 2**20:.0f} MiB on disk "
                   f"in {time.perf_counter() - start:.0f} s", flush=True)
             for workers, method in itertools.product(args.workers, args.methods):
@@ -184,6 +212,13 @@ def main() -> None:
             ratios = "/".join(f"{rate / ref:.1f}x" if ref else "-" for ref in (naive, bound))
             cells.append(f"{method} {rate:.0f} ({ratios}{f', USS {uss:.0f} MiB' if workers else ''})")
         print(f"{compression:4} workers={workers}: " + " | ".join(cells))
+
+    print(f"\nblock reads per epoch with W workers ({math.ceil(rows / block_rows)} blocks of {block_rows} rows): "
+          "batches ordered for the workers (ddp_kit) vs handed out in sampling order")
+    for workers in (2, 4, 8):
+        ordered, plain = (block_reads_per_epoch(rows, block_rows, args.batch_size, workers, order_for_workers=o)
+                          for o in (True, False))
+        print(f"  W={workers}: {ordered} vs {plain}")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,32 @@ def test_loader_order_matches_the_sampler_and_resumes_mid_epoch(tmp_path):
     assert [batch[2].tolist() for batch in built.train] == full[4:]
 
 
+def test_each_loader_worker_decodes_its_own_blocks(tmp_path, monkeypatch):
+    # 20 gzip chunks of 8 rows = 20 blocks, windows of 2 blocks, batches of 8: consecutive batches share a
+    # window. Handed out round-robin in sampling order, both workers would decode nearly every block.
+    make_file(tmp_path / "d.h5", 160, chunk_rows=8, compression="gzip")
+    reads = tmp_path / "reads"
+    reads.mkdir()
+    read_block = H5ImageDataset._block
+
+    def logged_block(self, block):
+        if block not in self._blocks:
+            with open(reads / str(os.getpid()), "a") as log:
+                log.write(f"{block}\n")
+        return read_block(self, block)
+
+    monkeypatch.setattr(H5ImageDataset, "_block", logged_block)  # fork: the workers inherit it
+    cfg = data_config(tmp_path / "d.h5", num_workers=2, multiprocessing_context="fork", shuffle_window=2)
+    built = loaders(cfg, batch_size=8)
+    for epoch in range(2):
+        built.train_sampler.set_epoch(epoch)
+        assert sorted(row for batch in built.train for row in batch[2].tolist()) == list(range(160))
+    per_worker = [[int(b) for b in log.read_text().split()] for log in reads.iterdir()]
+    assert len(per_worker) == 2
+    # Each block once per epoch, plus at most the window where the two workers' segments meet.
+    assert sum(map(len, per_worker)) <= 2 * (20 + 2 * 2)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_cover_the_training_split_once_and_validation_once(tmp_path, world_size):
     make_file(tmp_path / "d.h5", 50)
@@ -141,7 +167,7 @@ def test_ranks_cover_the_training_split_once_and_validation_once(tmp_path, world
 @pytest.mark.parametrize("context", ["fork", "forkserver"])
 def test_in_memory_mode_serves_the_same_batches_from_shared_memory(tmp_path, context):
     make_file(tmp_path / "d.h5", 70)
-    from_file = loaders(data_config(tmp_path / "d.h5"))
+    from_file = loaders(data_config(tmp_path / "d.h5", num_workers=2))  # same workers: same batch order
     in_memory = loaders(data_config(tmp_path / "d.h5", in_memory=True, num_workers=2,
                                     multiprocessing_context=context))
     assert in_memory.train.dataset.images.is_shared() and in_memory.train.dataset.labels.is_shared()

@@ -1,5 +1,6 @@
 """Sampling semantics: exact coverage, disjoint ranks, lockstep batch counts, determinism, resume, contiguity."""
 
+import functools
 import itertools
 
 import numpy as np
@@ -11,9 +12,11 @@ from ddp_kit.data.sampler import ShardBatchSampler, TrainBatchSampler
 N, BATCH, BLOCK, WINDOW = 103, 8, 7, 3
 
 
-def samplers(world_size, *, n=N, batch_size=BATCH, shuffle="chunk", drop_last=False, seed=5, block_rows=BLOCK):
+def samplers(world_size, *, n=N, batch_size=BATCH, shuffle="chunk", drop_last=False, seed=5, block_rows=BLOCK,
+             num_workers=0):
     return [TrainBatchSampler(n, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                              shuffle=shuffle, block_rows=block_rows, shuffle_window=WINDOW, drop_last=drop_last)
+                              shuffle=shuffle, block_rows=block_rows, shuffle_window=WINDOW, drop_last=drop_last,
+                              num_workers=num_workers)
             for rank in range(world_size)]
 
 
@@ -25,8 +28,9 @@ def epoch_batches(sampler, epoch, start_batch=0):
 @pytest.mark.parametrize("shuffle", ["chunk", "full", "none"])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_every_row_once_per_epoch_across_ranks(shuffle, world_size, drop_last):
-    ranks = samplers(world_size, shuffle=shuffle, drop_last=drop_last)
+@pytest.mark.parametrize("num_workers", [0, 3])
+def test_every_row_once_per_epoch_across_ranks(shuffle, world_size, drop_last, num_workers):
+    ranks = samplers(world_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers)
     for epoch in range(3):
         per_rank = [epoch_batches(s, epoch) for s in ranks]
         counts = {len(batches) for batches in per_rank}
@@ -141,3 +145,38 @@ def test_validation_shards_are_disjoint_complete_and_unpadded(world_size, n):
     for r, batches in enumerate(shards):
         assert len(batches) == len(ShardBatchSampler(n, batch_size=4, rank=r, world_size=world_size))
         assert all(0 < len(b) <= 4 for b in batches)
+
+
+@pytest.mark.parametrize("batches, workers", [(13, 4), (12, 3), (5, 2), (7, 1), (3, 4)])
+def test_chunk_batches_are_interleaved_so_each_loader_worker_walks_its_own_segment(batches, workers):
+    sampler = TrainBatchSampler(batches * BATCH - 3, batch_size=BATCH, rank=0, world_size=1, seed=2,
+                                shuffle="chunk", block_rows=BLOCK, shuffle_window=WINDOW, num_workers=workers)
+    order = sampler.batch_order()
+    assert sorted(order.tolist()) == list(range(batches))
+    assert order[-1] == batches - 1, "the short batch stays last"
+    for worker in range(workers):  # DataLoader worker w gets positions w, w + W, ...: consecutive batches
+        turns = order[worker::workers]
+        assert np.array_equal(turns, np.arange(turns[0], turns[0] + len(turns))) if len(turns) else True
+    rows = sampler.epoch_rows(0)
+    expected = [np.sort(rows[b * BATCH:(b + 1) * BATCH]) for b in order]
+    got = epoch_batches(sampler, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected)) and len(got) == batches
+    resumed = epoch_batches(sampler, 0, start_batch=2)
+    assert all(np.array_equal(a, b) for a, b in zip(resumed, expected[2:])) and len(resumed) == batches - 2
+
+
+@pytest.mark.parametrize("shuffle", ["full", "none"])
+def test_only_chunk_mode_reorders_batches_for_workers(shuffle):
+    plain, with_workers = (TrainBatchSampler(N, batch_size=BATCH, rank=0, world_size=1, seed=2, shuffle=shuffle,
+                                             num_workers=w) for w in (0, 4))
+    assert all(np.array_equal(a, b) for a, b in zip(epoch_batches(plain, 1), epoch_batches(with_workers, 1)))
+
+
+def test_a_resumed_epoch_keeps_the_order_of_the_workers_it_was_cut_for():
+    make = functools.partial(TrainBatchSampler, 20 * BATCH, batch_size=BATCH, rank=0, world_size=1, seed=2,
+                             shuffle="chunk", block_rows=BLOCK, shuffle_window=WINDOW)
+    cut_for_four = epoch_batches(make(num_workers=4), 3)
+    resumed = make(num_workers=0)
+    resumed.set_epoch(3, start_batch=6, order_workers=4)
+    assert all(np.array_equal(a, b) for a, b in zip(list(resumed), cut_for_four[6:], strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(epoch_batches(resumed, 3), cut_for_four))

@@ -94,7 +94,7 @@ def train(cfg: Config) -> dict:
         # Resume: rank 0 picks the checkpoint, every rank loads the same file.
         manager = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint)
         resume_path = distributed.broadcast_object(_resume_path(cfg, manager) if rt.is_main else None, rt)
-        start_epoch, step, start_batch, resumed_rng = 0, 0, 0, None
+        start_epoch, step, start_batch, resumed_rng, resumed_order_workers = 0, 0, 0, None, None
         if resume_path is not None:
             state = load_checkpoint(resume_path)
             _check_resumable(state, cfg, rt, resume_path)
@@ -111,6 +111,7 @@ def train(cfg: Config) -> dict:
                                       anneal_strategy=cfg.swa.anneal_strategy)
                 swa_scheduler.load_state_dict(state["swa_scheduler"])
             start_epoch, step, start_batch = state["epoch"], state["step"], state["batches_in_epoch"]
+            resumed_order_workers = state["config"]["data"]["num_workers"]
             resumed_rng = state["rng"][rt.rank]
 
         train_model: nn.Module = model
@@ -153,7 +154,9 @@ def train(cfg: Config) -> dict:
 
         # ------------------------------------------------------------------ loop
         for epoch in range(start_epoch, cfg.train.epochs):
-            loaders.train_sampler.set_epoch(epoch, start_batch=start_batch)
+            # A run resumed mid-epoch finishes that epoch in the batch order its checkpoint was cut from.
+            loaders.train_sampler.set_epoch(epoch, start_batch=start_batch,
+                                            order_workers=resumed_order_workers if start_batch else None)
             micro = start_batch
             start_batch = 0
             model.train()
@@ -430,6 +433,12 @@ def _resume_path(cfg: Config, manager: CheckpointManager) -> Path | None:
     return Path(cfg.train.resume)
 
 
+# What decides an epoch's sample order besides world size and batch size (data.num_workers too, but a resumed
+# epoch is finished in its checkpoint's order whatever data.num_workers is now).
+SAMPLE_ORDER_SETTINGS = (("run", "seed"), ("data", "shuffle"), ("data", "shuffle_window"), ("data", "block_size"),
+                         ("data", "drop_last"))
+
+
 def _check_resumable(state: dict, cfg: Config, rt: Runtime, path: Path) -> None:
     saved = {"world_size": state.get("world_size"), "train.batch_size": state.get("batch_size"),
              "train.accum_steps": state.get("accum_steps")}
@@ -442,6 +451,17 @@ def _check_resumable(state: dict, cfg: Config, rt: Runtime, path: Path) -> None:
             f"cannot resume exactly from {path}: {details}. The sample order and the optimizer-step count both "
             f"depend on these. Resume with the same values, or start a new run (another run.name or "
             f"train.resume=never) and load only the weights (`ddp-kit export` then ddp_kit.checkpoint.load_weights)")
+    if state["batches_in_epoch"]:
+        current_cfg = to_dict(cfg)
+        changed = [f"{section}.{key}: checkpoint {state['config'][section][key]!r} vs now "
+                   f"{current_cfg[section][key]!r}" for section, key in SAMPLE_ORDER_SETTINGS
+                   if state["config"][section][key] != current_cfg[section][key]]
+        if changed:
+            raise ResumeError(
+                f"cannot resume {path} in the middle of epoch {state['epoch']} (after {state['batches_in_epoch']} "
+                f"batches): {', '.join(changed)}. The epoch's sample order depends on these, so the rest of it "
+                f"would repeat some samples and skip others. Resume with the checkpoint's values; change them "
+                f"from a checkpoint saved at an epoch end (checkpoint.every_epochs)")
     if len(state["rng"]) != rt.world_size:
         raise CheckpointError(f"{path}: holds RNG states of {len(state['rng'])} ranks, this run has {rt.world_size}")
 
