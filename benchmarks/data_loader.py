@@ -19,13 +19,14 @@ the disk. The numbers in docs/data.md come from this script.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import math
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
+from unittest import mock
 
 import h5py
 import numpy as np
@@ -34,9 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ddp_kit.config import DataConfig
-from ddp_kit.data import build_dataloaders, describe_split
-from ddp_kit.data.loader import chunk_cache_blocks
-from ddp_kit.data.sampler import TrainBatchSampler
+from ddp_kit.data import H5ImageDataset, build_dataloaders, describe_split
 from ddp_kit.data.writer import SplitWriter, atomic_h5
 
 METHODS = ("naive", "full", "chunk", "in-memory")
@@ -143,26 +142,26 @@ def samples_per_second(loader: DataLoader, set_epoch, seconds: float, windows: i
     raise AssertionError("unreachable: epochs repeat until the windows are done")
 
 
-def block_reads_per_epoch(rows: int, block_rows: int, batch_size: int, workers: int, *, order_for_workers: bool,
-                          shuffle_window: int = DataConfig.shuffle_window) -> int:
-    """Blocks read in one chunk-shuffled epoch by `workers` DataLoader workers, each with ddp_kit's block
-    cache, batches handed out round-robin: in the sampler's order for `workers`, or in plain sampling order."""
-    sampler = TrainBatchSampler(rows, batch_size=batch_size, rank=0, world_size=1, seed=0, shuffle="chunk",
-                                block_rows=block_rows, shuffle_window=shuffle_window,
-                                num_workers=workers if order_for_workers else 0)
-    capacity = chunk_cache_blocks(batch_size, shuffle_window, block_rows)
-    caches = [OrderedDict() for _ in range(workers)]
+def block_reads_per_epoch(path: Path, workers: int, batch_size: int, *, order_for_workers: bool) -> int:
+    """Blocks read in one chunk-shuffled epoch by `workers` DataLoader workers, replayed in this process: one
+    copy of ddp_kit's dataset per worker (each with its own block cache, as a worker has), batches handed out
+    round-robin as the DataLoader does, in the sampler's order for `workers` or in plain sampling order."""
+    loader, set_epoch = make_loader("chunk", path, workers, batch_size)
+    set_epoch(0, order_workers=None if order_for_workers else 0)
+    replicas = [copy.copy(loader.dataset) for _ in range(workers)]  # copies start without handle or cache
     reads = 0
-    for position, batch in enumerate(sampler):
-        cache = caches[position % workers]
-        for block in np.unique(batch // block_rows).tolist():
-            if block in cache:
-                cache.move_to_end(block)
-                continue
-            reads += 1
-            cache[block] = None
-            if len(cache) > capacity:
-                cache.popitem(last=False)
+    read_block = H5ImageDataset._block
+
+    def counted_block(dataset: H5ImageDataset, block: int):
+        nonlocal reads
+        reads += block not in dataset._blocks
+        return read_block(dataset, block)
+
+    with mock.patch.object(H5ImageDataset, "_block", counted_block):
+        for position, rows in enumerate(loader.sampler):
+            replicas[position % workers][rows]
+    for replica in replicas:
+        replica.close()
     return reads
 
 
@@ -188,7 +187,6 @@ def main() -> None:
             path = Path(tmp) / f"{compression}.h5"
             start = time.perf_counter()
             write_file(path, rows, shape, None if compression == "none" else compression, args.chunk_rows)
-            block_rows = describe_split(path, group="train").default_block_rows  # chunk mode's block
             print(f"wrote {path.name}: {rows} images {shape}, {path.stat().st_size / 2**20:.0f} MiB on disk "
                   f"in {time.perf_counter() - start:.0f} s", flush=True)
             for workers, method in itertools.product(args.workers, args.methods):
@@ -200,6 +198,10 @@ def main() -> None:
                 results[compression, workers, method] = rate, uss
                 print(f"  {compression:4} workers={workers} {method:9} {rate:10.0f} samples/s"
                       + (f"  worker USS max {uss:.0f} MiB" if workers else ""), flush=True)
+            if compression == args.compressions[0]:
+                block_reads = {w: tuple(block_reads_per_epoch(path, w, args.batch_size, order_for_workers=o)
+                                        for o in (True, False)) for w in (2, 4, 8)}
+                block_rows = describe_split(path, group="train").default_block_rows  # chunk mode's block
 
     print(f"\nsamples/s, batch {args.batch_size}, {shape} uint8, {args.size_mb:.0f} MB per file "
           "(ratios: vs naive / vs in-memory)")
@@ -215,9 +217,7 @@ def main() -> None:
 
     print(f"\nblock reads per epoch with W workers ({math.ceil(rows / block_rows)} blocks of {block_rows} rows): "
           "batches ordered for the workers (ddp_kit) vs handed out in sampling order")
-    for workers in (2, 4, 8):
-        ordered, plain = (block_reads_per_epoch(rows, block_rows, args.batch_size, workers, order_for_workers=o)
-                          for o in (True, False))
+    for workers, (ordered, plain) in block_reads.items():
         print(f"  W={workers}: {ordered} vs {plain}")
 
 

@@ -8,7 +8,6 @@ their DataLoader workers, orphans included) is found by a tag in its environment
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -18,7 +17,6 @@ import sys
 import textwrap
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -28,6 +26,7 @@ import torch
 from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
 from ddp_kit.config import load_config
 from ddp_kit.preemption import read_requeue_marker
+from ledger import ledger, ledger_lines, rows_seen, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -151,22 +150,6 @@ def assert_same_model(a: Path, b: Path) -> None:
         assert torch.equal(ma[key], mb[key]), f"{key} differs between {a.name} and {b.name}"
 
 
-def ledger_lines(run_dir: Path, rank: int) -> list[dict]:
-    path = run_dir / "samples" / f"rank{rank}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def ledger(run_dir: Path, world: int = 2) -> tuple[dict, Counter]:
-    """{(rank, epoch, step, micro): indices} keeping the last occurrence, and how often each key was written."""
-    last, counts = {}, Counter()
-    for rank in range(world):
-        for rec in ledger_lines(run_dir, rank):
-            key = (rank, rec["epoch"], rec["step"], rec["micro"])
-            last[key] = rec["indices"]
-            counts[key] += 1
-    return last, counts
-
-
 def max_step(run_dir: Path, rank: int) -> int:
     lines = ledger_lines(run_dir, rank)
     return max((r["step"] for r in lines), default=0)
@@ -204,13 +187,9 @@ def reference(runs, tmp_path_factory):
     run_dir = runs.run_dir("reference")
     entries, counts = ledger(run_dir)
     assert set(counts.values()) == {1}
-    cfg = load_config(run_dir / "config.yaml")
-    import h5py
-
-    with h5py.File(cfg.data.path, "r") as f:
-        n_train = len(f[cfg.data.train_group][cfg.data.labels_key])
+    n_train = train_rows(run_dir)
     for epoch in range(2):
-        seen = Counter(i for (r, e, s, m), idx in entries.items() if e == epoch for i in idx)
+        seen = rows_seen(entries, epoch)
         assert set(seen) == set(range(n_train)), "a sample is missing from the epoch"
         # Padding repeats at most world_size - 1 samples so that both ranks see as many batches.
         assert sum(seen.values()) - n_train <= 1
@@ -376,13 +355,9 @@ def test_stop_signal_in_a_single_process_checkpoints_and_resumes_with_nothing_re
     assert resumed_step(resume.output()) == stopped
     entries, counts = ledger(run_dir, world=1)
     assert set(counts.values()) == {1}, "a step was redone after the stop"
-    import h5py
-
-    with h5py.File(cfg.data.path, "r") as f:
-        n_train = len(f[cfg.data.train_group][cfg.data.labels_key])
+    n_train = train_rows(run_dir)
     for epoch in range(2):
-        seen = Counter(i for (r, e, s, m), idx in entries.items() if e == epoch for i in idx)
-        assert sorted(seen.elements()) == list(range(n_train)), f"epoch {epoch} is not covered exactly once"
+        assert sorted(rows_seen(entries, epoch).elements()) == list(range(n_train)), f"epoch {epoch} is not covered exactly once"
 
 
 def test_two_launchers_as_two_nodes_match_one_launcher(runs, reference, launches):

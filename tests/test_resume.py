@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import tiny_overrides
+from ledger import ledger, rows_seen
 from procs import REPO, run, train_command
 
 pytestmark = pytest.mark.slow
@@ -54,27 +55,15 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint(tiny_h5, tmp_path):
     assert "step 4" in out.split("resumed from")[1].splitlines()[0]
 
 
-def _ledger_rows_per_epoch(run_dir) -> dict[int, list[int]]:
-    """Rows trained on per epoch, each micro-batch counted once (its last record, as a resumed run rewrites)."""
-    last = {}
-    for line in (run_dir / "samples" / "rank0.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        last[record["epoch"], record["micro"]] = record["indices"]
-    rows: dict[int, list[int]] = {}
-    for (epoch, _), indices in sorted(last.items()):
-        rows.setdefault(epoch, []).extend(indices)
-    return rows
-
-
 def test_mid_epoch_resume_with_other_loader_workers_finishes_the_epoch_in_its_order(tiny_h5, tmp_path):
     # Chunk shuffle orders batches for the loader's workers; 12 batches per epoch, stopped after 5.
     overrides = tiny_overrides(tiny_h5, tmp_path, "workers", **{"train.record_sample_ids": "true"})
     run(train_command(1, CONFIG, [*overrides, "data.num_workers=2", "train.max_steps=5"]))
     out = run(train_command(1, CONFIG, [*overrides, "data.num_workers=0"])).stdout
     assert "step 5" in out.split("resumed from")[1].splitlines()[0]
-    rows = _ledger_rows_per_epoch(tmp_path / "workers")
-    assert sorted(rows) == [0, 1]
-    assert all(sorted(epoch_rows) == list(range(96)) for epoch_rows in rows.values())
+    entries, _ = ledger(tmp_path / "workers", world=1)
+    assert sorted({epoch for _, epoch, _, _ in entries}) == [0, 1]
+    assert all(sorted(rows_seen(entries, epoch).elements()) == list(range(96)) for epoch in (0, 1))
 
 
 def test_mid_epoch_resume_with_another_sample_order_is_refused(tiny_h5, tmp_path):

@@ -444,26 +444,28 @@ def _check_resumable(state: dict, cfg: Config, rt: Runtime, path: Path) -> None:
              "train.accum_steps": state.get("accum_steps")}
     current = {"world_size": rt.world_size, "train.batch_size": cfg.train.batch_size,
                "train.accum_steps": cfg.train.accum_steps}
-    differ = {k: (saved[k], current[k]) for k in saved if saved[k] != current[k]}
-    if differ:
-        details = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in differ.items())
+    if differ := _differences(saved, current):
         raise ResumeError(
-            f"cannot resume exactly from {path}: {details}. The sample order and the optimizer-step count both "
+            f"cannot resume exactly from {path}: {differ}. The sample order and the optimizer-step count both "
             f"depend on these. Resume with the same values, or start a new run (another run.name or "
             f"train.resume=never) and load only the weights (`ddp-kit export` then ddp_kit.checkpoint.load_weights)")
     if state["batches_in_epoch"]:
-        current_cfg = to_dict(cfg)
-        changed = [f"{section}.{key}: checkpoint {state['config'][section][key]!r} vs now "
-                   f"{current_cfg[section][key]!r}" for section, key in SAMPLE_ORDER_SETTINGS
-                   if state["config"][section][key] != current_cfg[section][key]]
-        if changed:
+        saved, current = ({f"{section}.{key}": config[section][key] for section, key in SAMPLE_ORDER_SETTINGS}
+                          for config in (state["config"], to_dict(cfg)))
+        if differ := _differences(saved, current):
             raise ResumeError(
                 f"cannot resume {path} in the middle of epoch {state['epoch']} (after {state['batches_in_epoch']} "
-                f"batches): {', '.join(changed)}. The epoch's sample order depends on these, so the rest of it "
+                f"batches): {differ}. The epoch's sample order depends on these, so the rest of it "
                 f"would repeat some samples and skip others. Resume with the checkpoint's values; change them "
                 f"from a checkpoint saved at an epoch end (checkpoint.every_epochs)")
     if len(state["rng"]) != rt.world_size:
         raise CheckpointError(f"{path}: holds RNG states of {len(state['rng'])} ranks, this run has {rt.world_size}")
+
+
+def _differences(saved: dict, current: dict) -> str:
+    """'key: checkpoint A vs now B' for every key whose value changed, comma-separated; empty if none."""
+    return ", ".join(f"{key}: checkpoint {saved[key]!r} vs now {current[key]!r}"
+                     for key in saved if saved[key] != current[key])
 
 
 def _save(manager: CheckpointManager, rt: Runtime, cfg: Config, model, optimizer, scheduler, scaler, swa_model,

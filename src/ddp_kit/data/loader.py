@@ -69,14 +69,6 @@ def _chunks_spanned(rows: int, split: SplitInfo) -> int:
     return math.ceil(rows / split.chunk_rows) if split.chunk_rows else 1
 
 
-def chunk_cache_blocks(batch_size: int, shuffle_window: int, block_rows: int) -> int:
-    """Blocks each reading process keeps in chunk mode: every block one batch can touch (its windows plus
-    one it straddles into; the next batch continues in the last of them), so each block is read once per
-    worker; the 2 extra hold the partial blocks at a rank's slice boundaries."""
-    windows = math.ceil(batch_size / (shuffle_window * block_rows)) + 1
-    return shuffle_window * windows + 2
-
-
 def _dataset(split: SplitInfo, cfg: DataConfig, *, num_classes: int, shuffle: str, batch_size: int,
              block_rows: int) -> Dataset:
     """The dataset for one split, its reads tuned to the sampler's `shuffle` mode (chunk, full or none)."""
@@ -84,8 +76,12 @@ def _dataset(split: SplitInfo, cfg: DataConfig, *, num_classes: int, shuffle: st
     if cfg.in_memory:
         return InMemoryImageDataset(split, load_images(split), labels)
     if shuffle == "chunk":
-        return H5ImageDataset(split, labels, block_rows=block_rows,
-                              cache_blocks=chunk_cache_blocks(batch_size, cfg.shuffle_window, block_rows),
+        # Every block one batch can touch: a batch spans its windows plus one it straddles into, and the
+        # next batch continues in the last of them, so each block is read once per worker. The 2 extra
+        # hold the partial blocks at a rank's slice boundaries.
+        windows = math.ceil(batch_size / (cfg.shuffle_window * block_rows)) + 1
+        blocks = cfg.shuffle_window * windows + 2
+        return H5ImageDataset(split, labels, block_rows=block_rows, cache_blocks=blocks,
                               chunks_per_read=_chunks_spanned(block_rows, split))
     if shuffle == "full":
         return H5ImageDataset(split, labels)
