@@ -146,6 +146,20 @@ def test_each_loader_worker_decodes_its_own_blocks(tmp_path, monkeypatch):
     assert sum(map(len, per_worker)) <= 2 * (20 + 2 * 2)
 
 
+def test_chunk_mode_workers_prefetch_a_window_of_batches(tmp_path):
+    # Blocks of 8 rows, windows of 4 blocks = 32 rows = 6.4 batches of 5: a worker decodes a window for its
+    # first batch, so it must be allowed to run that far ahead (ceil(6.4) + 1 batches).
+    make_file(tmp_path / "d.h5", 80, chunk_rows=8, compression="gzip")
+    chunk = loaders(data_config(tmp_path / "d.h5", num_workers=2, shuffle_window=4), batch_size=5)
+    assert (chunk.train.prefetch_factor, chunk.val.prefetch_factor, chunk.train_eval.prefetch_factor) == (8, 2, 2)
+    wide_batches = loaders(data_config(tmp_path / "d.h5", num_workers=2, shuffle_window=4), batch_size=64)
+    assert wide_batches.train.prefetch_factor == 2
+    for settings in ({"shuffle": "full"}, {"in_memory": True}):
+        assert loaders(data_config(tmp_path / "d.h5", num_workers=2, **settings), batch_size=5).train.prefetch_factor == 2
+    chosen = loaders(data_config(tmp_path / "d.h5", num_workers=2, prefetch_factor=3), batch_size=5)
+    assert (chosen.train.prefetch_factor, chosen.val.prefetch_factor) == (3, 3)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_cover_the_training_split_once_and_validation_once(tmp_path, world_size):
     make_file(tmp_path / "d.h5", 50)

@@ -60,7 +60,8 @@ class DataConfig:
     num_workers: int = 2
     pin_memory: Optional[bool] = None  # None: on when the device is CUDA
     persistent_workers: bool = True
-    prefetch_factor: int = 2
+    # batches each worker prepares ahead; null: 2, or in chunk mode enough to cover one window of blocks
+    prefetch_factor: Optional[int] = None
     multiprocessing_context: Optional[Literal["fork", "spawn", "forkserver"]] = None
     mean: list[float] = field(default_factory=lambda: [0.5])  # normalization, applied on the device
     std: list[float] = field(default_factory=lambda: [0.5])
@@ -346,7 +347,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.model.num_classes >= 2, "model.num_classes", cfg.model.num_classes, "must be >= 2")
     _require(cfg.model.in_channels >= 1, "model.in_channels", cfg.model.in_channels, "must be >= 1")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
-    _require(d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor, "must be >= 1")
+    _require(d.prefetch_factor is None or d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor,
+             "must be >= 1 (or null: chosen from the shuffle mode)")
     _require(d.block_size >= 0, "data.block_size", d.block_size, "must be >= 0 (0: the chunk length)")
     _require(d.shuffle_window >= 1, "data.shuffle_window", d.shuffle_window, "must be >= 1")
     _require(d.random_crop_padding >= 0, "data.random_crop_padding", d.random_crop_padding, "must be >= 0")
