@@ -17,10 +17,12 @@ def demo_ok(tmp_path):
 def test_defaults_and_overrides_are_typed(tmp_path):
     cfg = load_config(None, [*demo_ok(tmp_path), "train.epochs=3", "optim.lr=0.05", "amp.enabled=true",
                              "data.mean=[0.1, 0.2, 0.3]", "data.std=[1, 1, 1]", "model.in_channels=3",
-                             "optim.grad_clip_norm=null", "data.prefetch_factor=6"])
+                             "optim.grad_clip_norm=null", "data.prefetch_factor=6",
+                             "data.sample_transforms=[{RandomResizedCrop: {size: 32, scale: [0.5, 1.0]}}]"])
     assert cfg.train.epochs == 3 and cfg.optim.lr == 0.05 and cfg.amp.enabled is True
     assert cfg.data.std == [1.0, 1.0, 1.0] and isinstance(cfg.data.std[0], float)
     assert cfg.optim.grad_clip_norm is None and cfg.data.prefetch_factor == 6
+    assert cfg.data.sample_transforms == [{"RandomResizedCrop": {"size": 32, "scale": [0.5, 1.0]}}]
 
 
 def test_yaml_file_then_override_wins(tmp_path):
@@ -58,6 +60,7 @@ def test_unknown_section_suggests(tmp_path):
     ("preemption.signals=[SIGFOO]", "SIGFOO"),
     ("checkpoint.best_metric=accuracy", "checkpoint.best_metric='accuracy'"),
     ("data.prefetch_factor=0", "data.prefetch_factor=0: must be >= 1 (or null"),
+    ("data.batch_transforms=[ColorJitter]", "data.batch_transforms[0]: expected a mapping, got 'ColorJitter'"),
 ])
 def test_bad_values_are_refused_with_key_and_value(tmp_path, override, fragment):
     with pytest.raises(ConfigError) as err:

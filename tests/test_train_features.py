@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -77,6 +78,26 @@ def test_accumulation_equals_a_larger_batch(tmp_path):
         torch.testing.assert_close(two["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     initial_gap = max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"])
     assert initial_gap < 1e-5
+
+
+def test_sample_and_batch_transforms_reach_every_training_image(tiny_h5, tmp_path):
+    # Flipping every training image upside down in the loader workers, on the device, or in the file itself
+    # trains the same model, and not the model of the unflipped file.
+    flipped = tmp_path / "flipped.h5"
+    with h5py.File(tiny_h5, "r") as f:
+        write_h5(flipped, f["train/images"][()][:, :, ::-1], f["train/labels"][()], group="train", chunk_rows=16)
+        write_h5(flipped, f["val/images"][()], f["val/labels"][()], group="val", append_group=True)
+    flip = "[{RandomVerticalFlip: {p: 1.0}}]"
+    runs = {"file": (flipped, {}), "workers": (tiny_h5, {"data.sample_transforms": flip}),
+            "device": (tiny_h5, {"data.batch_transforms": flip}), "unflipped": (tiny_h5, {})}
+    for name, (path, extra) in runs.items():
+        run(train_command(1, CONFIG, tiny_overrides(path, tmp_path, name, **{
+            "data.num_workers": 2, "train.deterministic": "true", **extra})))
+    states = {name: final_state(tmp_path / name)["model"] for name in runs}
+    for name in ("workers", "device"):
+        for key, value in states["file"].items():
+            assert torch.equal(states[name][key], value), (name, key)
+    assert any(not torch.equal(states["unflipped"][k], v) for k, v in states["file"].items())
 
 
 def test_swa_average_is_the_mean_of_epoch_snapshots(tiny_h5, tmp_path):

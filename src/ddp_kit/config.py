@@ -67,6 +67,9 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.5])
     random_crop_padding: int = 0  # train augmentation: pad then random crop; 0 disables
     horizontal_flip: bool = False  # train augmentation
+    # torchvision.transforms.v2 entries {ClassName: {arguments}} for training images (docs/data.md):
+    sample_transforms: list[dict] = field(default_factory=list)  # per image, in the loader workers
+    batch_transforms: list[dict] = field(default_factory=list)  # per batch, on the device, before normalizing
 
 
 @dataclass
@@ -203,6 +206,10 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, where)
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")

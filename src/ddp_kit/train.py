@@ -180,7 +180,8 @@ def train(cfg: Config) -> dict:
                     ledger.write(json.dumps({"epoch": epoch, "step": step + 1, "micro": micro,
                                              "indices": indices.tolist()}) + "\n")
                 images, labels = data.to_device(images, labels, device, cfg.data, train=True,
-                                                channels_last=cfg.model.channels_last)
+                                                channels_last=cfg.model.channels_last,
+                                                batch_transform=loaders.batch_transform)
                 if buffers and micro == window_start:
                     torch._foreach_copy_(buffers_before_window, buffers)
                 # The forward too must run under no_sync(): DDP prepares the all-reduce in forward.

@@ -1,9 +1,10 @@
-"""HDF5 data pipeline: validated files, DDP-aware batch samplers, batched readers, device-side augmentation.
+"""HDF5 data pipeline: validated files, DDP-aware batch samplers, batched readers, torchvision transforms
+per image in the workers, device-side augmentation.
 
 The training loop needs only:
     prepare_data(cfg)          every process, before the process group: create the demo file, validate
     build_dataloaders(cfg,...) this rank's Loaders (train/val DataLoaders yielding (images, labels, row_ids))
-    to_device(images, labels, device, cfg, train=...)
+    to_device(images, labels, device, cfg, train=..., batch_transform=loaders.batch_transform)
 Converters, inspection and `register_cli` back the `ddp-kit data ...` commands. See docs/data.md.
 """
 

@@ -45,7 +45,9 @@ def to_nchw(images: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def torch_dtype(dtype) -> torch.dtype:
-    """The torch dtype of a numpy dtype (or dtype string)."""
+    """The torch dtype of a numpy dtype (or dtype string); a torch dtype is returned as is."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
     return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 

@@ -8,6 +8,7 @@ device, so `torch.manual_seed` makes a run reproducible.
 from __future__ import annotations
 
 import functools
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +40,12 @@ def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, cfg: DataConfig, *,
-              train: bool, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              train: bool, channels_last: bool = False,
+              batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transfer a batch (non-blocking; pinned memory makes it asynchronous), scale uint8 to [0, 1]
-    (float images are taken as already scaled), augment when `train`, normalize with cfg.mean/std.
+    (float images are taken as already scaled), augment when `train` (cfg's crop and flip, then
+    `batch_transform`, e.g. `Loaders.batch_transform` from data.batch_transforms), normalize with cfg.mean/std.
 
     Returns float32 images (channels-last memory format if asked) and int64 labels on `device`.
     """
@@ -52,6 +56,8 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, 
         x = random_crop(x, cfg.random_crop_padding)
     if train and cfg.horizontal_flip:
         x = random_horizontal_flip(x)
+    if train and batch_transform is not None:
+        x = batch_transform(x)
     x = (x - _per_channel(tuple(cfg.mean), x.device)) / _per_channel(tuple(cfg.std), x.device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=memory_format), labels.to(device, non_blocking=True, dtype=torch.int64)

@@ -11,16 +11,18 @@ import functools
 import math
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ddp_kit.config import DataConfig
-from ddp_kit.data.dataset import H5ImageDataset, InMemoryImageDataset, load_images, load_labels
+from ddp_kit.data.dataset import H5ImageDataset, InMemoryImageDataset, load_images, load_labels, to_nchw
 from ddp_kit.data.errors import DataError
-from ddp_kit.data.hdf5 import SplitInfo, config_splits
+from ddp_kit.data.hdf5 import SplitInfo, config_splits, open_h5
 from ddp_kit.data.sampler import ShardBatchSampler, TrainBatchSampler
+from ddp_kit.data.transforms import SampleTransformDataset, Transform, build_transform, check_transform
 from ddp_kit.preemption import protect_dataloader_worker
 
 
@@ -33,6 +35,7 @@ class Loaders:
     val_size: int  # rows in the validation split (the sum over ranks of the rows evaluated)
     train_eval: DataLoader  # the training split sharded like `val` (file order, unpadded): statistics passes
     sample_shape: tuple[int, int, int]  # (C, H, W) of one image, as the loaders yield it
+    batch_transform: Optional[Transform]  # data.batch_transforms: pass to to_device(..., batch_transform=) in training
 
 
 def seed_worker(worker_id: int, *, seed: int, rank: int) -> None:
@@ -88,6 +91,25 @@ def _dataset(split: SplitInfo, cfg: DataConfig, *, num_classes: int, shuffle: st
     return H5ImageDataset(split, labels, chunks_per_read=_chunks_spanned(batch_size, split))
 
 
+def _transforms(cfg: DataConfig, split: SplitInfo) -> tuple[Optional[Transform], Optional[Transform]]:
+    """(per-sample, per-batch) training transforms from the config, each tried on the split's first images
+    so a wrong name, argument or output shape fails now, naming its config key."""
+    sample_transform = build_transform(cfg.sample_transforms, "data.sample_transforms")
+    batch_transform = build_transform(cfg.batch_transforms, "data.batch_transforms")
+    if sample_transform is None and batch_transform is None:
+        return None, None
+    with open_h5(split.path) as f:
+        probe = to_nchw(torch.from_numpy(f[split.images_path][:min(2, split.length)]), split.layout)
+    source = f"{split.path}: '{split.images_path}'"
+    if sample_transform is not None:
+        probe = torch.stack([check_transform(sample_transform, image, key="data.sample_transforms",
+                                             source=f"{source} row {row}") for row, image in enumerate(probe)])
+    if batch_transform is not None:
+        scaled = probe.float().div(255) if probe.dtype == torch.uint8 else probe.float()
+        check_transform(batch_transform, scaled, key="data.batch_transforms", source=f"a batch of {source}")
+    return sample_transform, batch_transform
+
+
 def prefetch_batches(cfg: DataConfig, *, shuffle: str, batch_size: int, block_rows: int) -> int:
     """Batches each worker of a loader prepares ahead: `data.prefetch_factor` if set, else 2, or for a
     chunk-mode reader of the file enough batches to span one window of blocks plus one.
@@ -139,14 +161,16 @@ def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, 
     val_sampler = ShardBatchSampler(val_split.length, batch_size=val_batch_size, rank=rank, world_size=world_size)
     train_eval_sampler = ShardBatchSampler(train_split.length, batch_size=val_batch_size, rank=rank,
                                            world_size=world_size)
+    sample_transform, batch_transform = _transforms(cfg, train_split)
     train_set = _dataset(train_split, cfg, num_classes=num_classes, shuffle=cfg.shuffle, batch_size=batch_size,
                          block_rows=block_rows)
+    augmented_train_set = train_set if sample_transform is None else SampleTransformDataset(train_set, sample_transform)
     val_set = _dataset(val_split, cfg, num_classes=num_classes, shuffle="none", batch_size=val_batch_size,
                        block_rows=block_rows)
     train_prefetch = prefetch_batches(cfg, shuffle=cfg.shuffle, batch_size=batch_size, block_rows=block_rows)
     eval_prefetch = prefetch_batches(cfg, shuffle="none", batch_size=val_batch_size, block_rows=block_rows)
     return Loaders(
-        train=_loader(train_set, train_sampler, cfg, device=device, seed=seed, rank=rank,
+        train=_loader(augmented_train_set, train_sampler, cfg, device=device, seed=seed, rank=rank,
                       prefetch_factor=train_prefetch),
         val=_loader(val_set, val_sampler, cfg, device=device, seed=seed, rank=rank, prefetch_factor=eval_prefetch),
         train_sampler=train_sampler,
@@ -155,4 +179,5 @@ def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, 
         train_eval=_loader(train_set, train_eval_sampler, cfg, device=device, seed=seed, rank=rank,
                            prefetch_factor=eval_prefetch),
         sample_shape=train_split.image_shape,
+        batch_transform=batch_transform,
     )

@@ -1,0 +1,107 @@
+"""torchvision `transforms.v2` from the config: per sample in the loader workers, per batch on the device.
+
+    data:
+      sample_transforms:            # each training image, its own random parameters, in the stored dtype
+        - RandomResizedCrop: {size: 32, scale: [0.6, 1.0], antialias: true}
+        - RandomHorizontalFlip: {}
+      batch_transforms:             # the whole float batch on the device, one draw of parameters per batch
+        - ColorJitter: {brightness: 0.2}
+
+Each entry is one transform, `{ClassName: {arguments}}`, a class of `torchvision.transforms.v2`. Both
+lists are built and tried on real training images by `build_dataloaders`, so a wrong name, argument or
+output shape fails before training starts, naming the config key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from ddp_kit.data.dataset import Batch, batch_buffers
+from ddp_kit.data.errors import DataError
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _v2_transforms() -> dict[str, type]:
+    from torchvision.transforms import v2
+
+    return {name: obj for name, obj in vars(v2).items()
+            if isinstance(obj, type) and issubclass(obj, v2.Transform) and not name.startswith("_")}
+
+
+def build_transform(specs: list[dict], key: str) -> Optional[Transform]:
+    """A `v2.Compose` of the config entries under `key` (e.g. "data.sample_transforms"); None if empty."""
+    if not specs:
+        return None
+    from torchvision.transforms import v2
+
+    available = _v2_transforms()
+    steps = []
+    for position, spec in enumerate(specs):
+        where = f"{key}[{position}]"
+        if len(spec) != 1:
+            raise DataError(f"{where}: expected one transform written as {{ClassName: {{arguments}}}}, e.g. "
+                            f"{{RandomHorizontalFlip: {{p: 0.5}}}}; got {spec!r}")
+        (name, arguments), = spec.items()
+        if name not in available:
+            close = difflib.get_close_matches(str(name), list(available), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise DataError(f"{where}: {name!r} is not a torchvision.transforms.v2 transform; {hint}see "
+                            "https://pytorch.org/vision/stable/transforms.html")
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            raise DataError(f"{where}: the arguments of {name} must be a mapping of keyword arguments, got "
+                            f"{arguments!r}")
+        try:
+            steps.append(available[name](**arguments))
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{where}: {name}(**{arguments!r}) failed: {exc}") from exc
+    return v2.Compose(steps)
+
+
+def check_transform(transform: Transform, images: torch.Tensor, *, key: str, source: str) -> torch.Tensor:
+    """Run `transform` on `images` (one C x H x W image, or an N x C x H x W batch) and return the result,
+    which must be a tensor of the same shape: the model and the validation images keep the stored size."""
+    try:
+        result = transform(images)
+    except Exception as exc:  # any failure inside torchvision is a configuration error here
+        raise DataError(f"{key}: failed on {source} (shape {tuple(images.shape)}, {images.dtype}): "
+                        f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(result, torch.Tensor) or result.shape != images.shape:
+        got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+        raise DataError(f"{key}: turns {source} of shape {tuple(images.shape)} into {got}; the transforms must "
+                        "return tensors of the stored size (validation images are not transformed): use e.g. "
+                        "RandomResizedCrop with size = the stored height and width, and no PIL conversions")
+    return result
+
+
+class SampleTransformDataset(Dataset):
+    """Another batched dataset's batches with `transform` applied to each image on its own, in the process
+    that reads (a DataLoader worker), so every image draws its own random parameters."""
+
+    def __init__(self, dataset: Dataset, transform: Transform):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, rows) -> Batch:
+        images, labels, ids = self.dataset[rows]
+        transformed = [self.transform(image) for image in images]
+        first = transformed[0]
+        out, out_labels, out_ids = batch_buffers(len(transformed), tuple(first.shape), first.dtype)
+        try:
+            torch.stack(transformed, out=out)
+        except RuntimeError as exc:
+            shapes = sorted({(tuple(t.shape), str(t.dtype)) for t in transformed})
+            raise DataError(f"data.sample_transforms returned images of different shapes or dtypes in one batch "
+                            f"({shapes}); every image must come out at the stored size") from exc
+        out_labels.copy_(labels)
+        out_ids.copy_(ids)
+        return out, out_labels, out_ids
