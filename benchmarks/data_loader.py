@@ -108,14 +108,14 @@ class WorkerMemory:
         self._thread.join()
 
 
-def make_loader(method: str, path: Path, workers: int, batch_size: int, prefetch_factor=None):
-    """(DataLoader, set_epoch or None) for one method; prefetch_factor None: ddp_kit's choice."""
+def make_loader(method: str, path: Path, workers: int, batch_size: int, **data_settings):
+    """(DataLoader, set_epoch or None) for one method; `data_settings` (DataConfig fields) apply to ddp_kit's."""
     if method == "naive":
         loader = DataLoader(NaiveDataset(path), batch_size=batch_size, shuffle=True, num_workers=workers,
                             persistent_workers=workers > 0)
         return loader, None
     cfg = DataConfig(path=str(path), num_workers=workers, shuffle="full" if method == "full" else "chunk",
-                     in_memory=method == "in-memory", prefetch_factor=prefetch_factor)
+                     in_memory=method == "in-memory", **data_settings)
     built = build_dataloaders(cfg, batch_size=batch_size, val_batch_size=batch_size, rank=0, world_size=1, seed=0,
                               device=torch.device("cpu"), num_classes=10, in_channels=3)
     return built.train, built.train_sampler.set_epoch
@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("--compressions", nargs="+", choices=("none", "gzip", "lzf"), default=["none", "gzip"])
     parser.add_argument("--chunk-rows", type=int, help="rows per HDF5 chunk (default: the writer's, ~1 MiB)")
     parser.add_argument("--prefetch-factor", type=int, help="batches prefetched per worker (default: ddp_kit's)")
+    parser.add_argument("--worker-sharing-strategy", choices=("file_system", "file_descriptor"),
+                        default=DataConfig.worker_sharing_strategy, help="how ddp_kit's workers hand over batches")
     parser.add_argument("--dir", help="where to write the files (default: a temporary directory)")
     args = parser.parse_args()
 
@@ -191,7 +193,9 @@ def main() -> None:
             print(f"wrote {path.name}: {rows} images {shape}, {path.stat().st_size / 2**20:.0f} MiB on disk "
                   f"in {time.perf_counter() - start:.0f} s", flush=True)
             for workers, method in itertools.product(args.workers, args.methods):
-                loader, set_epoch = make_loader(method, path, workers, args.batch_size, args.prefetch_factor)
+                loader, set_epoch = make_loader(method, path, workers, args.batch_size,
+                                                prefetch_factor=args.prefetch_factor,
+                                                worker_sharing_strategy=args.worker_sharing_strategy)
                 with WorkerMemory() as memory:
                     rate = samples_per_second(loader, set_epoch, args.seconds, args.windows)
                 del loader  # stops persistent workers before the next measurement

@@ -3,6 +3,11 @@
 import os
 import pickle
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +19,7 @@ from ddp_kit.data.dataset import load_labels
 
 pytestmark = pytest.mark.timeout(120)
 CPU = torch.device("cpu")
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def dataset(path, group="train", **kwargs):
@@ -146,6 +152,48 @@ def test_each_loader_worker_decodes_its_own_blocks(tmp_path, monkeypatch):
     assert sum(map(len, per_worker)) <= 2 * (20 + 2 * 2)
 
 
+def torch_shm_files() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("torch_")}
+
+
+@pytest.mark.parametrize("strategy", ["file_system", "file_descriptor"])
+def test_workers_hand_over_batches_with_the_configured_sharing_strategy(tmp_path, strategy):
+    arrays = make_file(tmp_path / "d.h5", 64)
+    before = torch_shm_files()
+    built = loaders(data_config(tmp_path / "d.h5", num_workers=2, multiprocessing_context="fork",
+                                worker_sharing_strategy=strategy))
+    held = list(built.train)  # alive: named segments exist while a batch does
+    for batch in held:
+        check_batch(batch, *arrays["train"])
+    workers = {str(w.pid) for w in built.train._iterator._workers}
+    created = torch_shm_files() - before
+    if strategy == "file_system":  # torch_<worker pid>_...: one per batch held or in flight
+        assert len(created) >= len(held) and {name.split("_")[1] for name in created} <= workers
+    else:
+        assert not created
+    assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"  # the trainer's own is untouched
+
+
+def test_named_shared_memory_is_removed_after_kill_9_of_the_process_group(tmp_path):
+    # torch_shm_manager runs in its own session, so it survives killpg and unlinks what the dead left. (A
+    # kill of every process, e.g. a whole cgroup, takes it down too: then the files stay; docs/data.md.)
+    make_file(tmp_path / "d.h5", 64)
+    before = torch_shm_files()
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "hold_batches.py"), str(tmp_path / "d.h5")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert "holding" in proc.stdout.readline()
+        created = torch_shm_files() - before
+        assert len(created) >= 6
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its workers, as the OOM killer or scancel would
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while torch_shm_files() & created and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not torch_shm_files() & created  # torch_shm_manager unlinked what the dead processes left
+
+
 def test_chunk_mode_workers_prefetch_a_window_of_batches(tmp_path):
     # Blocks of 8 rows, windows of 4 blocks = 32 rows = 6.4 batches of 5: a worker decodes a window for its
     # first batch, so it must be allowed to run that far ahead (ceil(6.4) + 1 batches).
@@ -203,13 +251,14 @@ def test_worker_seeds_differ_by_rank_and_worker_and_repeat(tmp_path, monkeypatch
         built.train_sampler.set_epoch(0)
         init = built.train.worker_init_fn
         draws = []
-        saved = np.random.get_state(), random.getstate()
+        saved = np.random.get_state(), random.getstate(), torch.multiprocessing.get_sharing_strategy()
         with torch.random.fork_rng():  # the init function reseeds this process's global generators
             for worker in range(2):
                 init(worker)
                 draws.append((np.random.randint(2**31), random.random(), torch.randint(2**31, ()).item()))
         np.random.set_state(saved[0])
         random.setstate(saved[1])
+        torch.multiprocessing.set_sharing_strategy(saved[2])  # and sets the worker's sharing strategy
         return draws
 
     rank0, rank1 = first_draws(0), first_draws(1)

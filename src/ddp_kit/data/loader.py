@@ -38,13 +38,17 @@ class Loaders:
     batch_transform: Optional[Transform]  # data.batch_transforms: pass to to_device(..., batch_transform=) in training
 
 
-def seed_worker(worker_id: int, *, seed: int, rank: int) -> None:
+def init_worker(worker_id: int, *, seed: int, rank: int, sharing_strategy: str) -> None:
     """DataLoader worker_init_fn: seed numpy, random and torch from (seed, rank, worker id), so workers of
-    different ranks never share a random stream and a rerun with the same seed repeats them."""
+    different ranks never share a random stream and a rerun with the same seed repeats them; choose how
+    this worker's batches travel; keep the worker alive through a stop signal."""
     worker_seed = int(np.random.SeedSequence([seed % 2**64, rank, worker_id]).generate_state(1, np.uint64)[0])
     np.random.seed(worker_seed % 2**32)
     random.seed(worker_seed)
     torch.manual_seed(worker_seed)
+    # The sender's strategy decides how a tensor is shared, so this affects only the batches this worker
+    # sends, never the trainer's own tensors (data.worker_sharing_strategy, docs/data.md).
+    torch.multiprocessing.set_sharing_strategy(sharing_strategy)
     # Launchers signal whole process groups: a worker must outlive a stop until its trainer checkpointed.
     protect_dataloader_worker()
 
@@ -138,7 +142,8 @@ def _loader(dataset: Dataset, sampler, cfg: DataConfig, *, device: torch.device,
     # A private generator: creating worker iterators must not consume the training's global torch RNG.
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**64, rank]).generate_state(1)[0]))
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=pin,
-                      worker_init_fn=functools.partial(seed_worker, seed=seed, rank=rank), generator=generator,
+                      worker_init_fn=functools.partial(init_worker, seed=seed, rank=rank,
+                                                       sharing_strategy=cfg.worker_sharing_strategy), generator=generator,
                       **options)
 
 
