@@ -1,7 +1,9 @@
 import pytest
+import torch
 import yaml
 
 from ddp_kit.config import Config, ConfigError, config_from_dict, load_config, parse_override, save_config, to_dict
+from ddp_kit.data.transforms import build_transform
 
 
 def write(tmp_path, text):
@@ -113,3 +115,5 @@ def test_shipped_configs_parse(tmp_path):
     assert isinstance(cfg, Config) and cfg.data.create_if_missing == "digits"
     gpu = load_config("configs/resnet50_bf16_4gpu.yaml", [*demo_ok(tmp_path), "data.val_path=null"])
     assert gpu.amp.dtype == "bf16" and gpu.model.name == "resnet50"
+    crop = build_transform(gpu.data.sample_transforms, "data.sample_transforms")
+    assert crop(torch.zeros(3, 256, 256, dtype=torch.uint8)).shape == (3, 224, 224)

@@ -203,7 +203,8 @@ def test_chunk_mode_workers_prefetch_a_window_of_batches(tmp_path):
     wide_batches = loaders(data_config(tmp_path / "d.h5", num_workers=2, shuffle_window=4), batch_size=64)
     assert wide_batches.train.prefetch_factor == 2
     for settings in ({"shuffle": "full"}, {"in_memory": True}):
-        assert loaders(data_config(tmp_path / "d.h5", num_workers=2, **settings), batch_size=5).train.prefetch_factor == 2
+        other = loaders(data_config(tmp_path / "d.h5", num_workers=2, **settings), batch_size=5)
+        assert other.train.prefetch_factor == 2
     chosen = loaders(data_config(tmp_path / "d.h5", num_workers=2, prefetch_factor=3), batch_size=5)
     assert (chosen.train.prefetch_factor, chosen.val.prefetch_factor) == (3, 3)
 

@@ -141,10 +141,9 @@ def _loader(dataset: Dataset, sampler, cfg: DataConfig, *, device: torch.device,
     pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
     # A private generator: creating worker iterators must not consume the training's global torch RNG.
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**64, rank]).generate_state(1)[0]))
+    init = functools.partial(init_worker, seed=seed, rank=rank, sharing_strategy=cfg.worker_sharing_strategy)
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=pin,
-                      worker_init_fn=functools.partial(init_worker, seed=seed, rank=rank,
-                                                       sharing_strategy=cfg.worker_sharing_strategy), generator=generator,
-                      **options)
+                      worker_init_fn=init, generator=generator, **options)
 
 
 def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, rank: int, world_size: int,
