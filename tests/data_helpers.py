@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ddp_kit.config import DataConfig
-from ddp_kit.data import write_h5
+from ddp_kit.data import Loaders, build_dataloaders, write_h5
 
 
 def make_arrays(n: int, shape=(3, 4, 5), num_classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -33,3 +34,11 @@ def make_file(path: Path, n: int = 100, *, groups=("train", "val"), shape=(3, 4,
 def data_config(path: Path, **overrides) -> DataConfig:
     """Config for tests: no workers unless asked, so most tests stay in one process."""
     return DataConfig(path=str(path), **{"num_workers": 0, **overrides})
+
+
+def loaders(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, batch_size: int = 8, val_batch_size: int = 16,
+            seed: int = 0) -> Loaders:
+    """build_dataloaders on the CPU for the 3-channel, 10-class files above."""
+    return build_dataloaders(cfg, batch_size=batch_size, val_batch_size=val_batch_size, rank=rank,
+                             world_size=world_size, seed=seed, device=torch.device("cpu"), num_classes=10,
+                             in_channels=3)

@@ -13,23 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import data_config, make_arrays, make_file
-from ddp_kit.data import H5ImageDataset, build_dataloaders, describe_split, write_h5
+from data_helpers import data_config, loaders, make_arrays, make_file
+from ddp_kit.data import H5ImageDataset, describe_split, write_h5
 from ddp_kit.data.dataset import load_labels
 
 pytestmark = pytest.mark.timeout(120)
-CPU = torch.device("cpu")
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def dataset(path, group="train", **kwargs):
     split = describe_split(path, group=group)
     return H5ImageDataset(split, load_labels(split, num_classes=10), **kwargs)
-
-
-def loaders(cfg, *, rank=0, world_size=1, batch_size=8, val_batch_size=16, seed=0):
-    return build_dataloaders(cfg, batch_size=batch_size, val_batch_size=val_batch_size, rank=rank,
-                             world_size=world_size, seed=seed, device=CPU, num_classes=10, in_channels=3)
 
 
 def check_batch(batch, images, labels):

@@ -4,17 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import data_config, make_file
-from ddp_kit.data import DataError, build_dataloaders, to_device
+from data_helpers import data_config, loaders, make_file
+from ddp_kit.data import DataError, to_device
 
 pytestmark = pytest.mark.timeout(120)
 CPU = torch.device("cpu")
 HFLIP = [{"RandomHorizontalFlip": {"p": 1.0}}]
-
-
-def loaders(cfg, batch_size=8):
-    return build_dataloaders(cfg, batch_size=batch_size, val_batch_size=16, rank=0, world_size=1, seed=0,
-                             device=CPU, num_classes=10, in_channels=3)
 
 
 @pytest.mark.parametrize("settings", [{"num_workers": 2, "multiprocessing_context": "fork"},

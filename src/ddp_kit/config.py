@@ -187,7 +187,8 @@ class Config:
 # Building dataclasses from plain dicts, strictly.
 
 
-def _suggest(key: str, valid: list[str]) -> str:
+def did_you_mean(key: str, valid: list[str]) -> str:
+    """The hint "did you mean 'X'? " naming the entry of `valid` closest to a mistyped `key`, or ""."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"did you mean '{close[0]}'? " if close else ""
 
@@ -245,7 +246,7 @@ def _build(cls: type, values: Any, where: str) -> Any:
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
             raise ConfigError(
-                f"unknown key '{path}': {_suggest(str(key), names)}valid keys here are: {', '.join(names)}"
+                f"unknown key '{path}': {did_you_mean(str(key), names)}valid keys here are: {', '.join(names)}"
             )
         kwargs[key] = _convert(value, hints[key], path)
     return cls(**kwargs)

@@ -39,6 +39,12 @@ def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
 
 
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    """float32 images in [0, 1]: uint8 divided by 255, float images taken as already scaled."""
+    x = images.to(torch.float32)
+    return x.div_(255) if images.dtype == torch.uint8 else x  # in place is safe: the cast made a new tensor
+
+
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, cfg: DataConfig, *,
               train: bool, channels_last: bool = False,
               batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
@@ -49,9 +55,7 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, 
 
     Returns float32 images (channels-last memory format if asked) and int64 labels on `device`.
     """
-    x = images.to(device, non_blocking=True).to(torch.float32)
-    if images.dtype == torch.uint8:
-        x = x.div_(255)  # in place is safe: the cast above made a new tensor
+    x = unit_float(images.to(device, non_blocking=True))
     if train and cfg.random_crop_padding:
         x = random_crop(x, cfg.random_crop_padding)
     if train and cfg.horizontal_flip:

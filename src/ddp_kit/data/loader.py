@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ddp_kit.config import DataConfig
 from ddp_kit.data.dataset import H5ImageDataset, InMemoryImageDataset, load_images, load_labels, to_nchw
+from ddp_kit.data.device import unit_float
 from ddp_kit.data.errors import DataError
 from ddp_kit.data.hdf5 import SplitInfo, config_splits, open_h5
 from ddp_kit.data.sampler import ShardBatchSampler, TrainBatchSampler
@@ -109,8 +110,7 @@ def _transforms(cfg: DataConfig, split: SplitInfo) -> tuple[Optional[Transform],
         probe = torch.stack([check_transform(sample_transform, image, key="data.sample_transforms",
                                              source=f"{source} row {row}") for row, image in enumerate(probe)])
     if batch_transform is not None:
-        scaled = probe.float().div(255) if probe.dtype == torch.uint8 else probe.float()
-        check_transform(batch_transform, scaled, key="data.batch_transforms", source=f"a batch of {source}")
+        check_transform(batch_transform, unit_float(probe), key="data.batch_transforms", source=f"a batch of {source}")
     return sample_transform, batch_transform
 
 

@@ -14,23 +14,16 @@ output shape fails before training starts, naming the config key.
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Optional
 
 import torch
 from torch.utils.data import Dataset
 
+from ddp_kit.config import did_you_mean
 from ddp_kit.data.dataset import Batch, batch_buffers
 from ddp_kit.data.errors import DataError
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _v2_transforms() -> dict[str, type]:
-    from torchvision.transforms import v2
-
-    return {name: obj for name, obj in vars(v2).items()
-            if isinstance(obj, type) and issubclass(obj, v2.Transform) and not name.startswith("_")}
 
 
 def build_transform(specs: list[dict], key: str) -> Optional[Transform]:
@@ -39,7 +32,8 @@ def build_transform(specs: list[dict], key: str) -> Optional[Transform]:
         return None
     from torchvision.transforms import v2
 
-    available = _v2_transforms()
+    available = {name: obj for name, obj in vars(v2).items()
+                 if isinstance(obj, type) and issubclass(obj, v2.Transform) and not name.startswith("_")}
     steps = []
     for position, spec in enumerate(specs):
         where = f"{key}[{position}]"
@@ -48,9 +42,8 @@ def build_transform(specs: list[dict], key: str) -> Optional[Transform]:
                             f"{{RandomHorizontalFlip: {{p: 0.5}}}}; got {spec!r}")
         (name, arguments), = spec.items()
         if name not in available:
-            close = difflib.get_close_matches(str(name), list(available), n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise DataError(f"{where}: {name!r} is not a torchvision.transforms.v2 transform; {hint}see "
+            raise DataError(f"{where}: {name!r} is not a torchvision.transforms.v2 transform; "
+                            f"{did_you_mean(str(name), list(available))}see "
                             "https://pytorch.org/vision/stable/transforms.html")
         if arguments is None:
             arguments = {}
