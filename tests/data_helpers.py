@@ -37,8 +37,8 @@ def data_config(path: Path, **overrides) -> DataConfig:
 
 
 def loaders(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, batch_size: int = 8, val_batch_size: int = 16,
-            seed: int = 0) -> Loaders:
+            seed: int = 0, stats_rows: int | None = None) -> Loaders:
     """build_dataloaders on the CPU for the 3-channel, 10-class files above."""
     return build_dataloaders(cfg, batch_size=batch_size, val_batch_size=val_batch_size, rank=rank,
                              world_size=world_size, seed=seed, device=torch.device("cpu"), num_classes=10,
-                             in_channels=3)
+                             in_channels=3, stats_rows=stats_rows)

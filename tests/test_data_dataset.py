@@ -219,6 +219,10 @@ def test_ranks_cover_the_training_split_once_and_validation_once(tmp_path, world
     assert val_rows == list(range(50)), "validation: every row once, no padding, shards in order"
     assert train_eval_rows == list(range(50)), "train_eval: the training split sharded the same way"
     assert ranks[0].sample_shape == (3, 4, 5)
+    bounded = [loaders(cfg, rank=r, world_size=world_size, batch_size=4, stats_rows=20).train_eval
+               for r in range(world_size)]
+    assert [i for loader in bounded for batch in loader for i in batch[2].tolist()] == list(range(20)), \
+        "swa.bn_rows: the first rows of the split, whatever the world size"
 
 
 @pytest.mark.parametrize("context", ["fork", "forkserver"])

@@ -119,18 +119,45 @@ def test_swa_average_is_the_mean_of_epoch_snapshots(tiny_h5, tmp_path):
     assert final["swa_scheduler"] is not None
 
 
-def test_swa_batchnorm_statistics_combine_all_ranks_exactly(tmp_path):
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    run([sys.executable, str(SCRIPTS / "bn_stats.py"), str(one)])
-    run(torchrun_command(2, str(SCRIPTS / "bn_stats.py"), str(two)), timeout=120)
-    single, pair = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    assert single.keys() == pair.keys() and len(single) == 6
-    for key in single:
-        torch.testing.assert_close(pair[key], single[key], rtol=1e-6, atol=1e-6, msg=key)
-    # rank 0's shard alone gives other statistics: the combination is not just rank 0's
-    run([sys.executable, str(SCRIPTS / "bn_stats.py"), str(tmp_path / "half.pt"), "32"])
-    half = torch.load(tmp_path / "half.pt", weights_only=True)
-    assert not torch.allclose(half["features.0.1.running_mean"], single["features.0.1.running_mean"])
+def _float64_batchnorm_reference() -> dict:
+    """Each BatchNorm's statistics over all rows at once in float64, layer by layer: every BatchNorm before it
+    already normalizing with its own exact statistics, as in inference."""
+    sys.path.insert(0, str(SCRIPTS))
+    from bn_stats import images, model
+
+    net = model().double().eval()
+    x = (images().double() / 255 - 0.5) / 0.5  # data.to_device with the default mean/std
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        seen = []
+        hook = bn.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+        with torch.no_grad():
+            net(x)
+        hook.remove()
+        bn.running_mean.copy_(seen[0].mean((0, 2, 3)))
+        bn.running_var.copy_(seen[0].var((0, 2, 3), unbiased=True))
+    return {k: v for k, v in net.state_dict().items() if "running" in k}
+
+
+def test_swa_batchnorm_statistics_are_exact_for_any_batch_size_and_world_size(tmp_path):
+    batches = ["16", "64", "360"]  # 360 > 100 rows: one batch per rank
+    results = {}
+    for world in (1, 2, 3):  # 3 ranks: shards of 33/33/34 rows, batches of uneven size
+        out = tmp_path / f"world{world}.pt"
+        script = [str(SCRIPTS / "bn_stats.py"), str(out), *batches]
+        run(torchrun_command(world, *script) if world > 1 else [sys.executable, *script], timeout=120)
+        for batch, stats in torch.load(out, weights_only=True).items():
+            results[(world, batch)] = stats
+    reference = _float64_batchnorm_reference()
+    assert len(reference) == 6 and all(stats.keys() == reference.keys() for stats in results.values())
+    first = results[(1, 16)]
+    for (world, batch), stats in results.items():
+        for key in reference:
+            torch.testing.assert_close(stats[key], first[key], rtol=1e-6, atol=1e-6, msg=f"{world} x {batch}: {key}")
+            # float32 forward vs float64 forward: a few float32 ulps
+            torch.testing.assert_close(stats[key].double(), reference[key], rtol=1e-5, atol=1e-6,
+                                       msg=f"{world} x {batch} vs float64: {key}")
+    # the statistics moved far from their initial (0, 1), by more than the tolerances above
+    assert (reference["features.4.1.running_var"] - 1).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -180,6 +207,24 @@ def test_nonfinite_loss_is_skipped_by_every_rank(tmp_path, nproc, bad_row):
     assert records[-1]["step"] == 2 * NAN_CASES[nproc, bad_row]["steps_per_epoch"]
     assert all(torch.isfinite(v).all() for v in final_state(tmp_path / "skip")["model"].values()
                if v.is_floating_point())
+
+
+def test_skip_counters_survive_a_resume(tmp_path):
+    # One process, row 60 -> step 8 of each 12-step epoch is skipped; fp16 with an init scale that overflows
+    # makes the scaler skip its first steps. Stopped after step 14 (past a skip of each kind), then resumed.
+    path = _file_with_nan(tmp_path, 60)
+    common = {"data.shuffle": "none", "data.mean": "[0.0]", "data.std": "[1.0]", "train.batch_size": 8,
+              "amp.enabled": "true", "amp.dtype": "fp16", "amp.init_scale": 2.0 ** 40}
+    run(train_command(1, CONFIG, tiny_overrides(path, tmp_path, "whole", **common)))
+    resumed = tiny_overrides(path, tmp_path, "resumed", **common)
+    run(train_command(1, CONFIG, [*resumed, "train.max_steps=14"]))
+    assert final_state(tmp_path / "resumed")["skipped_steps"]["nonfinite"] == 1
+    run(train_command(1, CONFIG, resumed))
+    whole, after = metrics(tmp_path / "whole")[-1], metrics(tmp_path / "resumed")[-1]
+    assert whole["skipped_nonfinite_steps"] == after["skipped_nonfinite_steps"] == 2
+    assert whole["skipped_scaler_steps"] == after["skipped_scaler_steps"] >= 1
+    assert final_state(tmp_path / "resumed")["skipped_steps"] == {"nonfinite": 2,
+                                                                  "scaler": whole["skipped_scaler_steps"]}
 
 
 @pytest.mark.parametrize("nproc, bad_row", NAN_CASES)

@@ -137,6 +137,10 @@ class SwaConfig:
     lr: float = 0.01  # SWALR target learning rate
     anneal_epochs: int = 1
     anneal_strategy: Literal["cos", "linear"] = "cos"
+    # training rows whose statistics the SWA model's BatchNorms are recomputed over: the first N of the split
+    # in file order (the converters store rows shuffled), whatever the world size; null: the whole split.
+    # The recompute makes one pass per BatchNorm (docs/checkpoints.md), so bound it for very deep networks.
+    bn_rows: Optional[int] = None
 
 
 @dataclass
@@ -377,6 +381,7 @@ def validate(cfg: Config) -> None:
     _require(w.start > 0, "swa.start", w.start, "must be > 0 (an epoch index >= 1 or a fraction of train.epochs)")
     _require(w.lr > 0, "swa.lr", w.lr, "must be > 0")
     _require(w.anneal_epochs >= 0, "swa.anneal_epochs", w.anneal_epochs, "must be >= 0")
+    _require(w.bn_rows is None or w.bn_rows >= 1, "swa.bn_rows", w.bn_rows, "must be >= 1 or null (every row)")
     if w.enabled:
         _require(swa_start_epoch(cfg) < t.epochs, "swa.start", w.start,
                  f"starts at epoch {swa_start_epoch(cfg)}, after the last epoch ({t.epochs - 1})")

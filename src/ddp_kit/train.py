@@ -63,10 +63,7 @@ def train(cfg: Config) -> dict:
             torch.use_deterministic_algorithms(True)
         torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)
 
-        loaders = data.build_dataloaders(
-            cfg.data, batch_size=cfg.train.batch_size, val_batch_size=cfg.train.val_batch_size, rank=rt.rank,
-            world_size=rt.world_size, seed=cfg.run.seed, device=device, num_classes=cfg.model.num_classes,
-            in_channels=cfg.model.in_channels)
+        loaders = _build_loaders(cfg, rt)
         accum = cfg.train.accum_steps
         micro_per_epoch = len(loaders.train)
         steps_per_epoch = math.ceil(micro_per_epoch / accum)
@@ -95,6 +92,7 @@ def train(cfg: Config) -> dict:
         manager = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint)
         resume_path = distributed.broadcast_object(_resume_path(cfg, manager) if rt.is_main else None, rt)
         start_epoch, step, start_batch, resumed_rng, resumed_order_workers = 0, 0, 0, None, None
+        skipped = {"nonfinite": 0, "scaler": 0}  # optimizer steps skipped so far, over the whole run
         if resume_path is not None:
             state = load_checkpoint(resume_path)
             _check_resumable(state, cfg, rt, resume_path)
@@ -113,6 +111,7 @@ def train(cfg: Config) -> dict:
             start_epoch, step, start_batch = state["epoch"], state["step"], state["batches_in_epoch"]
             resumed_order_workers = state["config"]["data"]["num_workers"]
             resumed_rng = state["rng"][rt.rank]
+            skipped.update(state.get("skipped_steps", {}))  # absent from older checkpoints
 
         train_model: nn.Module = model
         ddp = None
@@ -144,7 +143,6 @@ def train(cfg: Config) -> dict:
             distributed.seed_everything(distributed.rank_seed(cfg.run.seed, rt.rank))
 
         status, record = "completed", {}
-        skipped_nonfinite = skipped_by_scaler = 0
         compile_pending = cfg.compile.enabled
         grad_norm = torch.zeros((), device=device)
         # A non-finite forward has already written NaN/Inf into BatchNorm's running statistics by the time the
@@ -218,13 +216,14 @@ def train(cfg: Config) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     if cfg.train.on_nonfinite == "stop":
                         _save(manager, rt, cfg, model, optimizer, scheduler, scaler, swa_model, swa_scheduler,
-                              epoch=epoch, step=step, batches_in_epoch=window_start, tag="nonfinite")
+                              epoch=epoch, step=step, batches_in_epoch=window_start, skipped=skipped,
+                              tag="nonfinite")
                         raise NonFiniteLossError(
                             f"non-finite loss in optimizer step {step + 1} (epoch {epoch}) on rank "
                             f"{int(nonfinite_rank) - 1}; the last good state is checkpointed in "
                             f"{manager.directory}. Lower optim.lr, enable optim.grad_clip_norm, or use "
                             f"train.detect_anomaly=true to find the operation")
-                    skipped_nonfinite += 1
+                    skipped["nonfinite"] += 1
                 else:
                     if cfg.optim.grad_clip_norm is not None or log_now:
                         scaler.unscale_(optimizer)  # clip and report the true gradient norm, not the scaled one
@@ -236,7 +235,7 @@ def train(cfg: Config) -> dict:
                         scale_before = scaler.get_scale()
                         scaler.step(optimizer)
                         scaler.update()
-                        skipped_by_scaler += int(scaler.get_scale() < scale_before)
+                        skipped["scaler"] += int(scaler.get_scale() < scale_before)
                     else:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -261,7 +260,7 @@ def train(cfg: Config) -> dict:
                 reached_max = cfg.train.max_steps is not None and step >= cfg.train.max_steps
                 if stop_now or reached_max or manager.should_save(step=step, epoch_end=False, epoch=epoch):
                     _save(manager, rt, cfg, model, optimizer, scheduler, scaler, swa_model, swa_scheduler,
-                          epoch=epoch, step=step, batches_in_epoch=micro,
+                          epoch=epoch, step=step, batches_in_epoch=micro, skipped=skipped,
                           tag="preempt" if stop_now else "periodic")
                 if stop_now:
                     if rt.is_main:
@@ -289,7 +288,7 @@ def train(cfg: Config) -> dict:
             record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(loss_count, 1),
                       "val_loss": None, "val_acc": None, "lr": optimizer.param_groups[0]["lr"],
                       "samples_per_s": epoch_samples * rt.world_size / epoch_time, "epoch_time_s": epoch_time,
-                      "skipped_nonfinite_steps": skipped_nonfinite, "skipped_scaler_steps": skipped_by_scaler}
+                      "skipped_nonfinite_steps": skipped["nonfinite"], "skipped_scaler_steps": skipped["scaler"]}
             last_epoch = epoch == cfg.train.epochs - 1
             if (epoch + 1) % cfg.train.val_every_epochs == 0 or last_epoch:
                 record["val_loss"], record["val_acc"] = evaluate(model, loaders.val, rt, cfg)
@@ -299,7 +298,7 @@ def train(cfg: Config) -> dict:
             logger.epoch(record)
             if manager.should_save(step=step, epoch_end=True, epoch=epoch) or last_epoch:
                 _save(manager, rt, cfg, model, optimizer, scheduler, scaler, swa_model, swa_scheduler,
-                      epoch=epoch + 1, step=step, batches_in_epoch=0, metrics=record,
+                      epoch=epoch + 1, step=step, batches_in_epoch=0, skipped=skipped, metrics=record,
                       tag="final" if last_epoch else "periodic")
 
         # ------------------------------------------------------------------ teardown
@@ -315,10 +314,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, swa: bool = Fals
     """Validation loss and accuracy of a checkpoint's weights, on however many processes this was started with."""
     data.prepare_data(cfg.data)
     with distributed.process_group(cfg.distributed) as rt:
-        loaders = data.build_dataloaders(
-            cfg.data, batch_size=cfg.train.batch_size, val_batch_size=cfg.train.val_batch_size, rank=rt.rank,
-            world_size=rt.world_size, seed=cfg.run.seed, device=rt.device, num_classes=cfg.model.num_classes,
-            in_channels=cfg.model.in_channels)
+        loaders = _build_loaders(cfg, rt)
         model = models.build_model(cfg.model, example_input_shape=loaders.sample_shape)
         load_weights(model, load_checkpoint(checkpoint), strict=True, key="swa_model" if swa else None)
         model = model.to(rt.device)
@@ -334,6 +330,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, swa: bool = Fals
 # Pieces the loop calls. Each is a plain function of its arguments.
 
 
+def _build_loaders(cfg: Config, rt: Runtime) -> data.Loaders:
+    return data.build_dataloaders(
+        cfg.data, batch_size=cfg.train.batch_size, val_batch_size=cfg.train.val_batch_size, rank=rt.rank,
+        world_size=rt.world_size, seed=cfg.run.seed, device=rt.device, num_classes=cfg.model.num_classes,
+        in_channels=cfg.model.in_channels, stats_rows=cfg.swa.bn_rows)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, rt: Runtime, cfg: Config) -> tuple[float, float]:
     """Loss and accuracy over the whole validation set: each rank sums over its disjoint shard, the sums are
@@ -341,9 +344,7 @@ def evaluate(model: nn.Module, loader, rt: Runtime, cfg: Config) -> tuple[float,
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss sum, correct, count
-    for images, labels, _ in loader:
-        images, labels = data.to_device(images, labels, rt.device, cfg.data, train=False,
-                                        channels_last=cfg.model.channels_last)
+    for images, labels in _eval_batches(loader, rt, cfg):
         with torch.autocast(rt.device.type, dtype=AMP_DTYPES[cfg.amp.dtype], enabled=cfg.amp.enabled):
             logits = model(images)
         totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -354,76 +355,84 @@ def evaluate(model: nn.Module, loader, rt: Runtime, cfg: Config) -> tuple[float,
     return loss_sum / count, correct / count
 
 
+def _eval_batches(loader, rt: Runtime, cfg: Config):
+    """(images, labels) of each batch on the device, prepared as for evaluation (no augmentation)."""
+    for images, labels, _ in loader:
+        yield data.to_device(images, labels, rt.device, cfg.data, train=False, channels_last=cfg.model.channels_last)
+
+
+class _ReachedTarget(Exception):
+    """Raised by the hook on the BatchNorm being measured: nothing after it in the forward is needed."""
+
+
 @torch.no_grad()
 def recompute_bn_statistics(model: nn.Module, loader, rt: Runtime, cfg: Config) -> None:
-    """Set every BatchNorm's running mean/var to the exact statistics of its inputs over the whole loader
-    (all ranks' shards combined), with BatchNorm in training mode and everything else in eval mode.
+    """Set every BatchNorm's running mean/var to the exact statistics of its input over the whole loader (all
+    ranks' shards combined) as inference will see it: with every BatchNorm before it already using its own
+    recomputed statistics (eval mode), not the statistics of each batch.
 
-    Unlike `torch.optim.swa_utils.update_bn`, which averages per-batch moments on one process, this sums
-    first and second moments per channel across all batches and ranks, so the result does not depend on
-    batch sizes or on how the data is sharded."""
+    One pass over the data per BatchNorm, in the order the forward reaches them, each pass stopping at its
+    BatchNorm. Inputs are summed per channel in float64 across batches and ranks, so the result depends
+    neither on batch sizes nor on how the data is sharded (unlike `torch.optim.swa_utils.update_bn`, which
+    runs every BatchNorm in training mode and averages per-batch moments on one process).
+    A BatchNorm module called several times in one forward is measured at its first call."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
-    moments = {bn: torch.zeros(3, bn.num_features, dtype=torch.float64, device=rt.device) for bn in norms}
-
-    def accumulate(bn, inputs):
-        x = inputs[0].double()
-        dims = [d for d in range(x.dim()) if d != 1]
-        moments[bn][0] += x.sum(dims)
-        moments[bn][1] += (x * x).sum(dims)
-        moments[bn][2] += x.numel() // x.shape[1]
-
-    hooks = [bn.register_forward_pre_hook(accumulate) for bn in norms]
-    saved_groups = _isolate_sync_batchnorm(norms, rt)
     was_training = model.training
-    model.eval()
-    for bn in norms:
-        bn.train()
+    model.eval()  # every BatchNorm normalizes with running statistics: the finished ones' are the exact ones
     try:
-        for images, labels, _ in loader:
-            images, _ = data.to_device(images, labels, rt.device, cfg.data, train=False,
-                                       channels_last=cfg.model.channels_last)
+        for index in _forward_order(model, norms, loader, rt, cfg):
+            bn = norms[index]
+            moments = torch.zeros(3, bn.num_features, dtype=torch.float64, device=rt.device)
+
+            def accumulate(module, inputs):
+                x = inputs[0].double()
+                dims = [d for d in range(x.dim()) if d != 1]
+                moments[0] += x.sum(dims)
+                moments[1] += (x * x).sum(dims)
+                moments[2] += x.numel() // x.shape[1]
+                raise _ReachedTarget
+
+            _forward_each_batch(model, loader, rt, cfg, bn.register_forward_pre_hook(accumulate))
+            s1, s2, n = distributed.all_reduce_sum(moments, rt)
+            mean = s1 / n
+            var = (s2 / n - mean * mean).clamp_min(0) * n / (n - 1).clamp_min(1)  # running_var is unbiased
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+    finally:
+        model.train(was_training)
+
+
+def _forward_each_batch(model: nn.Module, loader, rt: Runtime, cfg: Config, hook) -> None:
+    """Run the model over every batch of `loader` until `hook` raises _ReachedTarget in each; remove `hook`."""
+    try:
+        for images, _ in _eval_batches(loader, rt, cfg):
+            with torch.autocast(rt.device.type, dtype=AMP_DTYPES[cfg.amp.dtype], enabled=cfg.amp.enabled):
+                try:
+                    model(images)
+                except _ReachedTarget:
+                    pass
+    finally:
+        hook.remove()
+
+
+def _forward_order(model: nn.Module, norms: list[nn.Module], loader, rt: Runtime, cfg: Config) -> list[int]:
+    """Indices into `norms` in the order one forward first reaches them (from the first batch of the first rank
+    that has one, so every rank measures them in the same order); BatchNorms the forward never reaches are
+    left as they are."""
+    reached: list[int] = []
+    hooks = [bn.register_forward_pre_hook(lambda module, inputs, i=i: None if i in reached else reached.append(i))
+             for i, bn in enumerate(norms)]
+    try:
+        for images, _ in _eval_batches(loader, rt, cfg):
             with torch.autocast(rt.device.type, dtype=AMP_DTYPES[cfg.amp.dtype], enabled=cfg.amp.enabled):
                 model(images)
+            break
     finally:
         for hook in hooks:
             hook.remove()
-        for bn, group in saved_groups.items():
-            bn.process_group = group
-        model.train(was_training)
-    flat = distributed.all_reduce_sum(torch.cat([moments[bn].flatten() for bn in norms]), rt)
-    offset = 0
-    for bn in norms:
-        s1, s2, n = flat[offset:offset + 3 * bn.num_features].view(3, -1)
-        offset += 3 * bn.num_features
-        mean = s1 / n
-        var = (s2 / n - mean * mean).clamp_min(0) * n / (n - 1).clamp_min(1)  # BatchNorm keeps the unbiased var
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
-
-
-_solo_groups: dict[int, object] = {}
-
-
-def _isolate_sync_batchnorm(norms: list[nn.Module], rt: Runtime) -> dict:
-    """SyncBatchNorm in training mode all-gathers in every forward; ranks' shards may differ in batch count,
-    so give each its own one-rank group while statistics are collected (restored by the caller)."""
-    sync = [bn for bn in norms if isinstance(bn, nn.SyncBatchNorm)]
-    if not sync or not rt.env.is_distributed:
-        return {}
-    if rt.rank not in _solo_groups:
-        import torch.distributed as dist
-
-        # new_group is collective: every rank creates every one-rank group, in the same order.
-        for r in range(rt.world_size):
-            group = dist.new_group([r])
-            if r == rt.rank:
-                _solo_groups[rt.rank] = group
-    saved = {bn: bn.process_group for bn in sync}
-    for bn in sync:
-        bn.process_group = _solo_groups[rt.rank]
-    return saved
+    return next((order for order in distributed.all_gather_objects(reached, rt) if order), [])
 
 
 def _resume_path(cfg: Config, manager: CheckpointManager) -> Path | None:
@@ -470,7 +479,7 @@ def _differences(saved: dict, current: dict) -> str:
 
 
 def _save(manager: CheckpointManager, rt: Runtime, cfg: Config, model, optimizer, scheduler, scaler, swa_model,
-          swa_scheduler, *, epoch: int, step: int, batches_in_epoch: int, tag: str,
+          swa_scheduler, *, epoch: int, step: int, batches_in_epoch: int, skipped: dict, tag: str,
           metrics: dict | None = None) -> None:
     """All ranks call this together (RNG states are gathered); rank 0 writes; all wait until the file is
     complete, so no rank runs ahead of a checkpoint that may yet fail."""
@@ -484,7 +493,8 @@ def _save(manager: CheckpointManager, rt: Runtime, cfg: Config, model, optimizer
             "swa_model": model_state_dict(swa_model) if swa_model is not None else None,
             "swa_n_averaged": int(swa_model.n_averaged) if swa_model is not None else 0,
             "swa_scheduler": swa_scheduler.state_dict() if swa_scheduler is not None else None,
-            "epoch": epoch, "step": step, "batches_in_epoch": batches_in_epoch, "rng": rng,
+            "epoch": epoch, "step": step, "batches_in_epoch": batches_in_epoch, "skipped_steps": dict(skipped),
+            "rng": rng,
             "config": to_dict(cfg), "world_size": rt.world_size, "batch_size": cfg.train.batch_size,
             "accum_steps": cfg.train.accum_steps, "versions": {"torch": str(torch.__version__), "ddp_kit": __version__},
             "metrics": metrics,

@@ -34,7 +34,7 @@ class Loaders:
     train_sampler: TrainBatchSampler  # call set_epoch(epoch, start_batch=0) before every epoch
     train_size: int  # rows in the training split (before padding or drop_last)
     val_size: int  # rows in the validation split (the sum over ranks of the rows evaluated)
-    train_eval: DataLoader  # the training split sharded like `val` (file order, unpadded): statistics passes
+    train_eval: DataLoader  # the training split (its first `stats_rows`) sharded like `val`: statistics passes
     sample_shape: tuple[int, int, int]  # (C, H, W) of one image, as the loaders yield it
     batch_transform: Optional[Transform]  # data.batch_transforms: pass to to_device(..., batch_transform=) in training
 
@@ -147,8 +147,10 @@ def _loader(dataset: Dataset, sampler, cfg: DataConfig, *, device: torch.device,
 
 
 def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, rank: int, world_size: int,
-                      seed: int, device: torch.device, num_classes: int, in_channels: int) -> Loaders:
-    """Validate the splits against the model and build this rank's training and validation loaders.
+                      seed: int, device: torch.device, num_classes: int, in_channels: int,
+                      stats_rows: Optional[int] = None) -> Loaders:
+    """Validate the splits against the model and build this rank's training and validation loaders;
+    `train_eval` covers the first `stats_rows` training rows (all if None).
 
     Raises DataError (naming file and key) for unusable data, before any batch is read.
     """
@@ -163,8 +165,8 @@ def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, 
     except ValueError as exc:
         raise DataError(f"{train_split.path}: '{train_split.images_path}': {exc}") from exc
     val_sampler = ShardBatchSampler(val_split.length, batch_size=val_batch_size, rank=rank, world_size=world_size)
-    train_eval_sampler = ShardBatchSampler(train_split.length, batch_size=val_batch_size, rank=rank,
-                                           world_size=world_size)
+    train_eval_sampler = ShardBatchSampler(min(stats_rows or train_split.length, train_split.length),
+                                           batch_size=val_batch_size, rank=rank, world_size=world_size)
     sample_transform, batch_transform = _transforms(cfg, train_split)
     train_set = _dataset(train_split, cfg, num_classes=num_classes, shuffle=cfg.shuffle, batch_size=batch_size,
                          block_rows=block_rows)
