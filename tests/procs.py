@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,21 +26,43 @@ def train_command(nproc: int, config: str | Path, overrides: list[str]) -> list[
 
 def run(command: list[str], *, timeout: float = 180, env: dict | None = None, check: bool = True,
         cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run to completion; on timeout kill the whole process group and fail with the output so far."""
+    """Run to completion; on timeout kill the whole process group and fail with the output so far.
+    `env` adds to the environment; a value of None removes that variable."""
+    return run_together([command], timeout=timeout, env=env, check=check, cwd=cwd)[0]
+
+
+def run_together(commands: list[list[str]], *, timeout: float = 180, env: dict | None = None, check: bool = True,
+                 cwd: Path = REPO) -> list[subprocess.CompletedProcess]:
+    """`run` for commands that must run at the same time (e.g. one launcher per simulated node), under one
+    shared timeout; every process group is killed on the way out."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
-                            env=full_env, start_new_session=True)
+    full_env = {key: value for key, value in full_env.items() if value is not None}
+    logs = [tempfile.TemporaryFile("w+") for _ in commands]
+    procs = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=full_env,
+                              start_new_session=True) for command, log in zip(commands, logs)]
+    deadline = time.monotonic() + timeout
     try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise AssertionError(f"timed out after {timeout} s: {' '.join(command)}\n{output[-6000:]}") from None
+        for proc, command, log in zip(procs, commands, logs):
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"timed out after {timeout} s: {' '.join(command)}\n"
+                                     f"{_read(log)[-6000:]}") from None
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    result = subprocess.CompletedProcess(command, proc.returncode, output, "")
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit code {proc.returncode}: {' '.join(command)}\n{output[-6000:]}")
-    return result
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    results = [subprocess.CompletedProcess(command, proc.returncode, _read(log), "")
+               for command, proc, log in zip(commands, procs, logs)]
+    for log in logs:
+        log.close()
+    for result in results:
+        if check and result.returncode != 0:
+            raise AssertionError(f"exit code {result.returncode}: {' '.join(result.args)}\n{result.stdout[-6000:]}")
+    return results
+
+
+def _read(log) -> str:
+    log.seek(0)
+    return log.read()

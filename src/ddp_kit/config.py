@@ -39,6 +39,9 @@ class DistributedConfig:
     find_unused_parameters: bool = False
     static_graph: bool = False
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm (statistics over the global batch)
+    # torch intra-op threads per process; null: OMP_NUM_THREADS if set, else this process's share of the
+    # CPUs it may use (affinity mask, SLURM allocation, processes per node). Logged at start-up.
+    cpu_threads: Optional[int] = None
 
 
 @dataclass
@@ -334,6 +337,8 @@ def validate(cfg: Config) -> None:
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name,
              "must be a non-empty directory name without '/'")
     _require(cfg.distributed.timeout_s > 0, "distributed.timeout_s", cfg.distributed.timeout_s, "must be > 0")
+    _require(cfg.distributed.cpu_threads is None or cfg.distributed.cpu_threads >= 1, "distributed.cpu_threads",
+             cfg.distributed.cpu_threads, "must be >= 1 or null (fit to the CPUs this process may use)")
     _require(cfg.distributed.bucket_cap_mb > 0, "distributed.bucket_cap_mb", cfg.distributed.bucket_cap_mb,
              "must be > 0")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")

@@ -31,6 +31,7 @@ class DistEnv:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1  # processes of this job on this node
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     launcher: str = "single"  # single | torchrun | slurm
@@ -51,6 +52,7 @@ class Runtime:
     env: DistEnv
     device: torch.device
     backend: str | None  # None when running as a single process without a process group
+    cpu_threads: str = ""  # torch's intra-op threads and why, for the start-up line
 
     @property
     def rank(self) -> int:
@@ -89,6 +91,17 @@ def expand_hostlist(nodelist: str) -> list[str]:
     return hosts
 
 
+def _slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int:
+    """This node's entry of SLURM_TASKS_PER_NODE ('4(x2),1': 4 on nodes 0 and 1, 1 on node 2), by SLURM_NODEID."""
+    counts: list[int] = []
+    for entry in environ.get("SLURM_TASKS_PER_NODE", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", entry.strip())
+        if match:
+            counts += [int(match.group(1))] * int(match.group(2) or 1)
+    node = _int_env(environ, "SLURM_NODEID") if "SLURM_NODEID" in environ else 0
+    return counts[node] if node < len(counts) else 1
+
+
 def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     """Read torchrun's variables, else SLURM's (srun without torchrun), else a single process."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
@@ -99,6 +112,7 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             rank=_int_env(environ, "RANK"),
             local_rank=_int_env(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
             world_size=_int_env(environ, "WORLD_SIZE"),
+            local_world_size=_int_env(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else 1,
             master_addr=environ["MASTER_ADDR"],
             master_port=_int_env(environ, "MASTER_PORT"),
             launcher="torchrun",
@@ -119,6 +133,7 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             rank=_int_env(environ, "SLURM_PROCID"),
             local_rank=_int_env(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
             world_size=_int_env(environ, "SLURM_NTASKS"),
+            local_world_size=_slurm_tasks_on_this_node(environ),
             master_addr=master_addr,
             master_port=port,
             launcher="slurm",
@@ -142,6 +157,39 @@ def resolve_device(cfg: DistributedConfig, env: DistEnv) -> torch.device:
     return torch.device("cuda", env.local_rank)
 
 
+def fit_cpu_threads(cfg: DistributedConfig, env: DistEnv, environ: Mapping[str, str] = os.environ) -> str:
+    """Set torch's intra-op threads to this process's share of the CPUs it may use; returns "N CPU threads (why)".
+
+    distributed.cpu_threads wins, then OMP_NUM_THREADS (torchrun sets 1 when it starts several processes per
+    node); otherwise the CPUs of the affinity mask, capped by SLURM's allocation (SLURM_CPUS_PER_TASK, else
+    SLURM_CPUS_ON_NODE), shared by the processes that share that allocation. Without this, a process alone on
+    its node (one process per node, or any single-process run) takes every core of the machine, whatever the
+    allocation, and other layouts of the same run sum in other orders. DataLoader workers use one thread each
+    (PyTorch sets it)."""
+    if cfg.cpu_threads is not None:
+        threads, why = cfg.cpu_threads, "distributed.cpu_threads"
+    elif "OMP_NUM_THREADS" in environ:
+        threads, why = max(1, _int_env(environ, "OMP_NUM_THREADS")), "OMP_NUM_THREADS"
+    else:
+        cpus = len(os.sched_getaffinity(0))
+        why = f"{cpus} CPUs in the affinity mask"
+        if env.launcher == "slurm":  # srun started one task per process, each with its own allocation
+            allocation, sharing = environ.get("SLURM_CPUS_PER_TASK"), 1
+            if allocation is None and "SLURM_CPUS_ON_NODE" in environ:
+                allocation, sharing = environ["SLURM_CPUS_ON_NODE"], env.local_world_size
+        else:  # one launcher (torchrun, or this process alone) holds the allocation for its local processes
+            allocation = environ.get("SLURM_CPUS_PER_TASK", environ.get("SLURM_CPUS_ON_NODE"))
+            sharing = env.local_world_size if env.launcher == "torchrun" else 1
+        if allocation is not None and int(allocation) < cpus:
+            cpus = int(allocation)
+            why = f"{cpus} CPUs allocated by SLURM"
+        if sharing > 1:
+            why += f" / {sharing} processes on this node"
+        threads = max(1, cpus // sharing)
+    torch.set_num_threads(threads)
+    return f"{threads} CPU thread{'s' if threads > 1 else ''} ({why})"
+
+
 def resolve_backend(cfg: DistributedConfig, device: torch.device) -> str:
     if cfg.backend == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
@@ -154,6 +202,7 @@ def resolve_backend(cfg: DistributedConfig, device: torch.device) -> str:
 def process_group(cfg: DistributedConfig, environ: Mapping[str, str] = os.environ) -> Iterator[Runtime]:
     """Set the device, start the process group, and destroy it on every exit path (exceptions included)."""
     env = detect_env(environ)
+    cpu_threads = fit_cpu_threads(cfg, env, environ)
     device = resolve_device(cfg, env)
     if device.type == "cuda":
         # Before anything touches the GPU: otherwise every rank creates a context on cuda:0.
@@ -170,7 +219,7 @@ def process_group(cfg: DistributedConfig, environ: Mapping[str, str] = os.enviro
             device_id=device if backend == "nccl" else None,
         )
     try:
-        yield Runtime(env=env, device=device, backend=backend)
+        yield Runtime(env=env, device=device, backend=backend, cpu_threads=cpu_threads)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

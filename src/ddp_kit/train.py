@@ -129,7 +129,8 @@ def train(cfg: Config) -> dict:
         logger = RunLogger(run_dir, enabled=rt.is_main, total_steps=total_steps, start_step=step)
         teardown.callback(logger.close)
         logger.info(f"ddp_kit {__version__}: {rt.world_size} process(es) ({rt.env.launcher}), device {device}, "
-                    f"backend {rt.backend or 'none'}; {loaders.train_size} train / {loaders.val_size} val samples, "
+                    f"backend {rt.backend or 'none'}, {rt.cpu_threads}; {loaders.train_size} train / "
+                    f"{loaders.val_size} val samples, "
                     f"{micro_per_epoch} micro-batches = {steps_per_epoch} optimizer steps per epoch per rank"
                     + (f"; resumed from {resume_path} at epoch {start_epoch}, step {step}" if resume_path else ""))
         ledger = _open_ledger(run_dir, rt) if cfg.train.record_sample_ids else None
