@@ -9,7 +9,6 @@ docs/checkpoints.md describes the file layout and the retention rules.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import math
 import numbers
@@ -17,13 +16,12 @@ import os
 import pickle
 import random
 import re
-import secrets
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -33,6 +31,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from .config import CheckpointConfig
+from .files import TEMP_NAME, atomic_write, atomic_write_text, require_free_space, write_errors
 
 __all__ = [
     "CheckpointError", "CheckpointManager", "LoadReport", "capture_rng_state", "export_weights", "load_checkpoint",
@@ -103,42 +102,6 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # Files: atomic writes, weights-only reads, completeness checks.
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_step(\d+)\.pt$")
-# Temporary files are hidden and end in .tmp, so no scan for checkpoints can mistake one for a checkpoint.
-TEMP_NAME = re.compile(r"^\..+\.tmp$")
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some network and FUSE filesystems cannot fsync a directory; the rename is atomic there all the same.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None],
-                  verify: Optional[Callable[[Path], None]] = None) -> None:
-    """Write through a temporary file in the same directory, fsync it, optionally check it, then rename it over
-    `path` and fsync the directory: readers see the old file or the complete new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # os.open with mode 0o666 honours the umask, unlike mkstemp's private 0o600.
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        if verify is not None:
-            verify(temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
 
 
 def _refused_global(exc: pickle.UnpicklingError) -> Optional[str]:
@@ -173,11 +136,20 @@ def _verify_weights_only(obj: Any, path: Path) -> None:
             f"and dicts/lists/tuples of them (e.g. str(torch.__version__), not the TorchVersion)") from None
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of tensor data in nested dicts/lists/tuples: about the size torch.save will write."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    items = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(item) for item in items)
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """torch.save `obj` to `path` atomically and durably. Raises CheckpointError, leaving `path` untouched, if
-    the result would not load with weights_only=True (so resume can never meet a file it must refuse)."""
-    path = Path(path)
-    _atomic_write(path, lambda stream: torch.save(obj, stream), verify=lambda temp: _verify_weights_only(obj, temp))
+    the result would not load with weights_only=True (so resume can never meet a file it must refuse), and
+    WriteError if the file system fails it (a full disk)."""
+    atomic_write(path, lambda stream: torch.save(obj, stream), verify=lambda temp: _verify_weights_only(obj, temp),
+                 needed_bytes=tensor_bytes(obj))
 
 
 def _first_sentence(exc: BaseException) -> str:
@@ -441,10 +413,6 @@ def _json_metrics(metrics: Optional[Mapping]) -> dict:
     return converted
 
 
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda stream: stream.write(text.encode()))
-
-
 class CheckpointManager:
     """Owns one directory of checkpoints: `ckpt_step<step>.pt` files, each with a `.json` sidecar (step, epoch,
     tag, metrics), and a `last` pointer file naming the newest. Only rank 0 may call `save`."""
@@ -473,14 +441,27 @@ class CheckpointManager:
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             raise RuntimeError("CheckpointManager.save runs on rank 0 only; other ranks would race it for the files")
         sidecar = {"step": step, "epoch": epoch, "tag": tag, "metrics": _json_metrics(metrics)}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temp_files()
         path = self.checkpoint_path(step)
+        with write_errors(path):
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temp_files()
+        # The previous checkpoint's size (container overhead included) estimates this one's unless its tensors
+        # say more (an SWA model joined); the previous one stays until this one is complete.
+        previous = max(self._entries(), key=lambda entry: entry.step, default=None)
+        require_free_space(path, max(previous.path.stat().st_size if previous is not None else 0,
+                                     tensor_bytes(state)))
         save_atomic(state, path)
-        _write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=1))
-        _write_text(self.directory / LAST_POINTER, path.name + "\n")
+        atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=1))
+        atomic_write_text(self.directory / LAST_POINTER, path.name + "\n")
         self._retire_old_checkpoints()
         return path
+
+    def resume_note(self) -> str:
+        """What a failed write leaves behind and what to do, for the error message of a run that must stop."""
+        latest = self.latest()
+        kept = (f"The newest intact checkpoint is {latest}, so nothing saved before was lost" if latest is not None
+                else f"No checkpoint has been written to {self.directory} yet")
+        return f"{kept}. Free space and rerun the same command to resume"
 
     def latest(self) -> Optional[Path]:
         """The newest complete checkpoint: the one `last` names, else the highest step. Files that are truncated

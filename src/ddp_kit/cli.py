@@ -76,11 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data import DataError
+    from .distributed import PeerFailed
+    from .files import WriteError
     from .train import NonFiniteLossError, ResumeError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, ResumeError, NonFiniteLossError) as exc:
+    except (ConfigError, DataError, CheckpointError, ResumeError, NonFiniteLossError, WriteError, PeerFailed) as exc:
         print(f"ddp-kit: error: {exc}", file=sys.stderr, flush=True)
         return 1
 

@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .files import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A configuration file, key or value is wrong; the message says which and what to do."""
@@ -320,7 +322,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------------

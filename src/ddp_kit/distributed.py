@@ -13,15 +13,18 @@ import contextlib
 import os
 import random
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError, DistributedConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,30 @@ def broadcast_object(obj: object, runtime: Runtime) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class PeerFailed(RuntimeError):
+    """Rank 0 failed in an action every rank waited for; the other ranks stop with this one-line pointer."""
+
+
+def on_main_rank(action: Callable[[], T], runtime: Runtime) -> T | None:
+    """Run `action` on rank 0 alone while the others wait, and let every rank learn how it ended: rank 0
+    re-raises its error, the others raise PeerFailed naming it, instead of failing later in a collective
+    with a transport error ("Connection closed by peer"). Returns rank 0's result there, None elsewhere."""
+    result, error = None, None
+    if runtime.is_main:
+        try:
+            result = action()
+        except Exception as exc:  # every failure, so no rank is left waiting for the broadcast
+            error = exc
+    reason = None if error is None else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    reason = broadcast_object(reason, runtime)
+    if error is not None:
+        raise error
+    if reason is not None:
+        raise PeerFailed(f"rank 0 failed, so rank {runtime.rank} stops too: {reason} (rank 0's message has the "
+                         f"details)")
+    return result
 
 
 def rank_seed(seed: int, rank: int) -> int:

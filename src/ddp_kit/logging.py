@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .files import write_errors
+
 
 class RunLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int = 0):
@@ -60,8 +62,9 @@ class RunLogger:
         """One line of metrics.jsonl per epoch, the val/* scalars, and a summary line."""
         if not self.enabled:
             return
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        with write_errors(self.run_dir / "metrics.jsonl"):
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
         step = record["step"]
         for key in ("val_loss", "val_acc", "swa_val_loss", "swa_val_acc"):
             if record.get(key) is not None:

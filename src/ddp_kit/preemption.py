@@ -39,6 +39,8 @@ import threading
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .files import atomic_write_text
+
 PREEMPTED_EXIT_CODE = 0
 
 # Signals after which the sender kills the process after a short grace period.
@@ -207,7 +209,6 @@ def write_requeue_marker(run_dir: str | os.PathLike, name: str, *, step: int,
                          signal_name: Optional[str]) -> Path:
     """Write the marker atomically (a batch script may look at any moment); returns its path."""
     path = marker_path(run_dir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = {
         "step": step,
         "signal": signal_name,
@@ -215,12 +216,7 @@ def write_requeue_marker(run_dir: str | os.PathLike, name: str, *, step: int,
         "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(info) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(info) + "\n")
     return path
 
 

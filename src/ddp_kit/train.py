@@ -27,6 +27,7 @@ from .checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, 
                          load_weights, model_state_dict, restore_rng_state)
 from .config import Config, save_config, swa_start_epoch, to_dict
 from .distributed import Runtime
+from .files import WriteError
 from .logging import RunLogger, Throughput
 from .optim import build_optimizer, build_scheduler
 from .preemption import StopSignals, clear_requeue_marker, write_requeue_marker
@@ -54,10 +55,6 @@ def train(cfg: Config) -> dict:
         rt = teardown.enter_context(distributed.process_group(cfg.distributed))
         device = rt.device
         run_dir = cfg.run_dir
-        if rt.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            clear_requeue_marker(run_dir, cfg.preemption.requeue_marker)
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -126,7 +123,8 @@ def train(cfg: Config) -> dict:
             # boundaries, so gradient all-reduce overlaps the backward.
             train_model = torch.compile(train_model, mode=cfg.compile.mode, backend=cfg.compile.backend)
 
-        logger = RunLogger(run_dir, enabled=rt.is_main, total_steps=total_steps, start_step=step)
+        opened = _rank0_writes(functools.partial(_open_run_dir, cfg, total_steps, step), rt, manager)
+        logger = opened if rt.is_main else RunLogger(run_dir, enabled=False, total_steps=total_steps)
         teardown.callback(logger.close)
         logger.info(f"ddp_kit {__version__}: {rt.world_size} process(es) ({rt.env.launcher}), device {device}, "
                     f"backend {rt.backend or 'none'}, {rt.cpu_threads}; {loaders.train_size} train / "
@@ -264,9 +262,9 @@ def train(cfg: Config) -> dict:
                           epoch=epoch, step=step, batches_in_epoch=micro, skipped=skipped,
                           tag="preempt" if stop_now else "periodic")
                 if stop_now:
-                    if rt.is_main:
-                        write_requeue_marker(run_dir, cfg.preemption.requeue_marker, step=step,
-                                             signal_name=signal.Signals(stop_signal).name)
+                    _rank0_writes(functools.partial(write_requeue_marker, run_dir, cfg.preemption.requeue_marker,
+                                                    step=step, signal_name=signal.Signals(stop_signal).name),
+                                  rt, manager)
                     logger.info(f"stopping at step {step} on {signal.Signals(stop_signal).name} (received by at "
                                 f"least one rank); checkpoint saved, marker {cfg.preemption.requeue_marker} written")
                     status = "preempted"
@@ -296,18 +294,16 @@ def train(cfg: Config) -> dict:
                 if swa_phase:
                     recompute_bn_statistics(swa_model.module, loaders.train_eval, rt, cfg)
                     record["swa_val_loss"], record["swa_val_acc"] = evaluate(swa_model.module, loaders.val, rt, cfg)
-            logger.epoch(record)
+            _rank0_writes(functools.partial(logger.epoch, record), rt, manager)
             if manager.should_save(step=step, epoch_end=True, epoch=epoch) or last_epoch:
                 _save(manager, rt, cfg, model, optimizer, scheduler, scaler, swa_model, swa_scheduler,
                       epoch=epoch + 1, step=step, batches_in_epoch=0, skipped=skipped, metrics=record,
                       tag="final" if last_epoch else "periodic")
 
         # ------------------------------------------------------------------ teardown
-        if rt.is_main and status == "completed" and manager.latest() is not None:
-            export_weights(manager.latest(), run_dir / "model.pt")
-            if swa_model is not None:
-                export_weights(manager.latest(), run_dir / "swa_model.pt", swa=True)
-        distributed.barrier(rt)
+        if status == "completed":
+            _rank0_writes(functools.partial(_export_final_weights, manager, run_dir, swa=swa_model is not None),
+                          rt, manager)
         return {**record, "status": status, "step": step}
 
 
@@ -485,7 +481,8 @@ def _save(manager: CheckpointManager, rt: Runtime, cfg: Config, model, optimizer
     """All ranks call this together (RNG states are gathered); rank 0 writes; all wait until the file is
     complete, so no rank runs ahead of a checkpoint that may yet fail."""
     rng = distributed.all_gather_objects(capture_rng_state(), rt)
-    if rt.is_main:
+
+    def write() -> None:
         state = {
             "model": model_state_dict(model),
             "optimizer": optimizer.state_dict(),
@@ -497,11 +494,38 @@ def _save(manager: CheckpointManager, rt: Runtime, cfg: Config, model, optimizer
             "epoch": epoch, "step": step, "batches_in_epoch": batches_in_epoch, "skipped_steps": dict(skipped),
             "rng": rng,
             "config": to_dict(cfg), "world_size": rt.world_size, "batch_size": cfg.train.batch_size,
-            "accum_steps": cfg.train.accum_steps, "versions": {"torch": str(torch.__version__), "ddp_kit": __version__},
+            "accum_steps": cfg.train.accum_steps,
+            "versions": {"torch": str(torch.__version__), "ddp_kit": __version__},
             "metrics": metrics,
         }
         manager.save(state, step=step, epoch=epoch, metrics=metrics, tag=tag)
-    distributed.barrier(rt)
+
+    _rank0_writes(write, rt, manager)
+
+
+def _rank0_writes(action, rt: Runtime, manager: CheckpointManager):
+    """Rank 0's writes (run directory, checkpoints, metrics, marker, exports) as every rank's business
+    (distributed.on_main_rank); a failed write also says what is intact and what to do."""
+    try:
+        return distributed.on_main_rank(action, rt)
+    except WriteError as exc:
+        raise WriteError(f"{exc}. {manager.resume_note()}") from None
+
+
+def _open_run_dir(cfg: Config, total_steps: int, start_step: int) -> RunLogger:
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    clear_requeue_marker(cfg.run_dir, cfg.preemption.requeue_marker)
+    return RunLogger(cfg.run_dir, enabled=True, total_steps=total_steps, start_step=start_step)
+
+
+def _export_final_weights(manager: CheckpointManager, run_dir: Path, *, swa: bool) -> None:
+    """model.pt (and swa_model.pt) from the final checkpoint: plain state dicts for use without ddp_kit."""
+    latest = manager.latest()
+    if latest is not None:
+        export_weights(latest, run_dir / "model.pt")
+        if swa:
+            export_weights(latest, run_dir / "swa_model.pt", swa=True)
 
 
 def _open_ledger(run_dir: Path, rt: Runtime):

@@ -64,7 +64,7 @@ def convert_imagefolder(root: str | os.PathLike, out: str | os.PathLike, *, size
         raise DataError(f"{root}: not an image folder tree ROOT/<class>/<image> ({exc})") from exc
     order = np.random.default_rng(seed).permutation(len(folder)).tolist()
     batches = DataLoader(Subset(folder, order), batch_size=batch_size, num_workers=num_workers)
-    with atomic_h5(out, append=append_group) as f:
+    with atomic_h5(out, append=append_group, needed_bytes=len(folder) * 3 * size * size) as f:
         writer = SplitWriter(f, group, length=len(folder), row_shape=(3, size, size), dtype=np.uint8,
                              chunk_rows=chunk_rows, compression=compression)
         with tqdm(total=len(folder), unit="img", desc=f"{Path(root).name} -> {out}", disable=not progress) as bar:

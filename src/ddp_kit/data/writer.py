@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
@@ -20,27 +19,12 @@ import numpy as np
 
 from ddp_kit.data.errors import DataError
 from ddp_kit.data.hdf5 import LAYOUTS, rows_for_bytes
+from ddp_kit.files import atomic_path
 
 COMPRESSIONS = (None, "gzip", "lzf")
 # Streaming writers fill compressed chunks over several calls; a chunk evicted half-written would be
 # compressed, then decompressed and recompressed on the next write. 64 MiB keeps partial chunks cached.
 WRITE_CACHE_BYTES = 64 << 20
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; when the block succeeds, fsync it and rename it over `path`
-    (atomic on POSIX), otherwise delete it. Readers therefore see either no file or a complete one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class SplitWriter:
@@ -116,13 +100,15 @@ class SplitWriter:
 
 
 @contextmanager
-def atomic_h5(path: str | os.PathLike, *, append: bool = False) -> Iterator[h5py.File]:
-    """An HDF5 file to write splits into, which replaces `path` only when the block completes.
+def atomic_h5(path: str | os.PathLike, *, append: bool = False, needed_bytes: Optional[int] = None
+              ) -> Iterator[h5py.File]:
+    """An HDF5 file to write splits into, which replaces `path` only when the block completes; a full disk
+    is a WriteError naming `path` (with `needed_bytes`, if known) and leaves nothing behind.
 
     With `append` the existing file is copied first (its groups are kept); for a large file that copy is
     the price of atomicity, so one file per split (data.val_path) is cheaper to build incrementally.
     """
-    with atomic_output(path) as tmp:
+    with atomic_path(path, needed_bytes) as tmp:
         if append and Path(path).is_file():
             shutil.copyfile(path, tmp)
         with h5py.File(tmp, "a" if append else "w", rdcc_nbytes=WRITE_CACHE_BYTES) as f:
@@ -161,6 +147,6 @@ def write_h5(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, *,
     of the classes, stored with `num_classes`. attrs: extra attributes of the split's group.
     append_group: keep the file's other groups instead of replacing the file.
     """
-    with atomic_h5(path, append=append_group) as f:
+    with atomic_h5(path, append=append_group, needed_bytes=np.asarray(images).nbytes) as f:
         write_split(f, images, labels, group=group, layout=layout, chunk_rows=chunk_rows,
                     compression=compression, class_names=class_names, attrs=attrs)
