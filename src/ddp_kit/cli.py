@@ -59,9 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify-resume", help="check that stopping and resuming gives bit-identical weights for your setup")
     verify.add_argument("--config", required=True)
-    verify.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    verify.add_argument("--nproc", type=int, default=None,
+                        help="processes per run, as many as you will train with (torchrun when > 1); default: what "
+                             "`torchrun --nproc_per_node=gpu` starts here, one per visible CUDA device, or 1 "
+                             "without CUDA or with distributed.device: cpu")
     verify.add_argument("--stop-after", type=int, default=None,
-                        help="optimizer step to stop the interrupted run at (default: the middle of the run)")
+                        help="optimizer step to stop the interrupted run at, between 1 and the run's last step "
+                             "minus 1, checked before anything runs (default: just past the middle of the run)")
     verify.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     verify.add_argument("overrides", nargs="*", metavar="section.key=value")
     verify.set_defaults(func=_verify_resume)
@@ -79,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     from .distributed import PeerFailed
     from .files import WriteError
     from .train import NonFiniteLossError, ResumeError
+    from .verify import VerifyError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, ResumeError, NonFiniteLossError, WriteError, PeerFailed) as exc:
+    except (ConfigError, DataError, CheckpointError, ResumeError, NonFiniteLossError, VerifyError, WriteError,
+            PeerFailed) as exc:
         print(f"ddp-kit: error: {exc}", file=sys.stderr, flush=True)
         return 1
 

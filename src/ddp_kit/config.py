@@ -1,6 +1,8 @@
 """Typed run configuration: dataclasses loaded from YAML, strict, overridable from the command line.
 
 Every field has a default and a comment saying what it means; `configs/` holds complete examples.
+Values are read by the field's type, not by YAML 1.1's guess (`_convert`): `3e-4` is a number for a float
+field, `2024` and `on` are text for a string field, `on`/`off` are booleans for a bool field.
 Errors are raised as `ConfigError` before any process group starts, and name the file, key and value.
 """
 
@@ -8,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import signal
 import types
 import typing
@@ -202,52 +206,116 @@ def did_you_mean(key: str, valid: list[str]) -> str:
     return f"did you mean '{close[0]}'? " if close else ""
 
 
+@dataclass(frozen=True)
+class _Scalar:
+    """A YAML scalar as `_SourceLoader` reads it: YAML's reading and the text as written (quotes removed).
+
+    The field's type picks which counts (`_convert`): a str field takes `text` ('2024', 'on', '1e3'), number
+    and bool fields take `value`, so typed fields get what the user meant whichever YAML spelling they chose."""
+
+    value: Any  # YAML 1.1 (PyYAML) reading, plus exponent floats without a dot; None only for a real null
+    text: str
+
+
+def _plain(value: Any) -> Any:
+    """`value` with every scalar replaced by YAML's reading of it: what free-form mappings pass on."""
+    if isinstance(value, _Scalar):
+        return value.value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, as the user wrote it."""
+    return repr(value.text if isinstance(value, _Scalar) else _plain(value))
+
+
+def _number(value: Any) -> int | float | None:
+    """An int or float from a YAML number or a string that Python reads as one ('3e-4', '1E-4'); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value)
+            except ValueError:
+                pass
+    return None
+
+
+BOOLEAN_SPELLINGS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 def _convert(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    resolved = _plain(value)
+    text = value.text if isinstance(value, _Scalar) else resolved
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if resolved is None and type(None) in args:  # null, ~ or nothing; a quoted 'null' is the text
             return None
         non_none = [a for a in args if a is not type(None)]
         return _convert(value, non_none[0], where)
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
+        matches = [a for a in args if a == (text if isinstance(a, str) else resolved)]
+        if not matches:
+            raise ConfigError(f"{where}: {_shown(value)} is not one of {', '.join(map(repr, args))}")
+        return matches[0]
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_shown(value)}")
         return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, where)
     if annotation is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return value
+        if not isinstance(resolved, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_shown(value)}")
+        return resolved
     if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
+        if isinstance(resolved, str) and resolved.lower() in BOOLEAN_SPELLINGS:
+            return BOOLEAN_SPELLINGS[resolved.lower()]
+        if not isinstance(resolved, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_shown(value)}")
+        return resolved
     if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
+        number = _number(resolved)
+        if isinstance(number, float) and number.is_integer():  # 10.0 and 1e3 are exact integers
+            number = int(number)
+        if not isinstance(number, int):
+            raise ConfigError(f"{where}: expected an integer, got {_shown(value)}")
+        return number
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        number = _number(resolved)
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {_shown(value)}")
+        try:
+            number = float(number)
+        except OverflowError:  # an integer beyond float's range
+            number = math.inf
+        # No setting means anything with inf or nan (null already says "none" where a field allows it).
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {_shown(value)}")
+        return number
     if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
+        if resolved is None:
+            raise ConfigError(f"{where}: expected a string, got null (YAML reads null, ~ and an empty value "
+                              f"as null; quote the value to mean the text)")
+        if not isinstance(text, str):
+            raise ConfigError(f"{where}: expected a string, got {_shown(value)}")
+        return text
     raise TypeError(f"{where}: unsupported config annotation {annotation!r}")
 
 
 def _build(cls: type, values: Any, where: str) -> Any:
-    if values is None:
+    if _plain(values) is None:
         values = {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {values!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {_shown(values)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -261,11 +329,44 @@ def _build(cls: type, values: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# YAML: files and overrides are read by one loader whose scalars keep their source text.
+
+# PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent: it reads 3e-4, 1e12 and 1.0e5 as
+# strings. YAML 1.2 and every paper's learning rate read them as numbers; so do the loader and the dumper here.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+
+
+class _SourceLoader(yaml.SafeLoader):
+    """SafeLoader that reads every scalar as a `_Scalar`; mapping keys stay YAML's reading of them."""
+
+    def construct_object(self, node, deep=False):
+        data = super().construct_object(node, deep)
+        return _Scalar(data, node.value) if isinstance(node, yaml.ScalarNode) else data
+
+    def construct_mapping(self, node, deep=False):
+        return {_plain(key): value for key, value in super().construct_mapping(node, deep).items()}
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings `_SourceLoader` would read as something else (e.g. '1e3')."""
+
+
+for _resolving in (_SourceLoader, _Dumper):
+    _resolving.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_SourceLoader)
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if _plain(node.get(part)) is None:  # absent, or a section left empty in the file (`train:`)
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override '{dotted}': '{part}' is not a section")
         node = child
@@ -273,12 +374,14 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`train.epochs=3` -> ("train.epochs", 3); the value is read as YAML (numbers, true/false, null, lists)."""
+    """`train.epochs=3` -> ("train.epochs", <3>): the value is read as YAML by the loader config files go
+    through (numbers, true/false, null, lists), its scalars keeping their text for string fields
+    (`run.name=2024` is the name '2024'); `key=` is the empty string."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _read_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
     return key, value
@@ -294,9 +397,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not p.is_file():
             raise ConfigError(f"config file {source} does not exist; pass the path of a YAML file (see configs/)")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = _read_yaml(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {source} is not valid YAML: {exc}") from exc
+        if _plain(tree) is None:  # an empty file: the defaults
+            tree = {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {source}: top level must be a mapping of sections")
     for text in overrides:
@@ -322,7 +427,9 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write `cfg` as YAML that `load_config` reads back to an equal Config (booleans as true/false, strings
+    that would read as something else quoted), atomically."""
+    atomic_write_text(path, yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -419,3 +526,19 @@ def swa_start_epoch(cfg: Config) -> int:
     fraction of the run (0.75 of 10 epochs: epochs 7, 8, 9 are averaged)."""
     start = cfg.swa.start
     return int(start) if start >= 1 else int(start * cfg.train.epochs)
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """Optimizer steps of a run whose ranks each train on `micro_per_epoch` micro-batches an epoch."""
+
+    micro_per_epoch: int
+    per_epoch: int  # the epoch's last accumulation window may be shorter, and still makes a step
+    total: int  # over all train.epochs: the learning-rate schedule's length
+    final: int  # the step the run ends at: total, or train.max_steps when that comes first
+
+
+def step_counts(train: TrainConfig, micro_per_epoch: int) -> StepCounts:
+    per_epoch = math.ceil(micro_per_epoch / train.accum_steps)
+    total = per_epoch * train.epochs
+    return StepCounts(micro_per_epoch, per_epoch, total, min(total, train.max_steps or total))

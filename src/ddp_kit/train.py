@@ -25,7 +25,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel
 from . import __version__, data, distributed, models
 from .checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, export_weights, load_checkpoint,
                          load_weights, model_state_dict, restore_rng_state)
-from .config import Config, save_config, swa_start_epoch, to_dict
+from .config import Config, save_config, step_counts, swa_start_epoch, to_dict
 from .distributed import Runtime
 from .files import WriteError
 from .logging import RunLogger, Throughput
@@ -62,9 +62,8 @@ def train(cfg: Config) -> dict:
 
         loaders = _build_loaders(cfg, rt)
         accum = cfg.train.accum_steps
-        micro_per_epoch = len(loaders.train)
-        steps_per_epoch = math.ceil(micro_per_epoch / accum)
-        total_steps = steps_per_epoch * cfg.train.epochs
+        steps = step_counts(cfg.train, len(loaders.train))
+        micro_per_epoch, steps_per_epoch, total_steps = steps.micro_per_epoch, steps.per_epoch, steps.total
 
         # The same seed on every rank: identical initial weights even before DDP broadcasts rank 0's.
         distributed.seed_everything(cfg.run.seed)

@@ -10,8 +10,19 @@ from pathlib import Path
 
 import torch
 
+from . import data
 from .checkpoint import CheckpointManager, load_checkpoint
-from .config import load_config
+from .config import Config, load_config, step_counts
+
+
+class VerifyError(ValueError):
+    """verify-resume's arguments cannot work for this config; the message names the argument and the valid values."""
+
+
+def default_nproc(cfg: Config) -> int:
+    """Processes per run when --nproc is not given: what `torchrun --nproc_per_node=gpu` starts on this machine,
+    one per visible CUDA device, or 1 without CUDA or with distributed.device: cpu."""
+    return 1 if cfg.distributed.device == "cpu" else max(1, torch.cuda.device_count())
 
 
 def train_command(config: str | Path, overrides: list[str], nproc: int) -> list[str]:
@@ -63,16 +74,38 @@ def compare_states(a: dict, b: dict, keys=("model", "optimizer", "swa_model")) -
     return differences
 
 
-def verify_resume(config: str | Path, overrides: list[str], *, nproc: int = 1, stop_after: int | None = None,
-                  timeout_s: float = 1800) -> bool:
+def verify_resume(config: str | Path, overrides: list[str], *, nproc: int | None = None,
+                  stop_after: int | None = None, timeout_s: float = 1800) -> bool:
+    """Train `config` uninterrupted, then stopped after `stop_after` optimizer steps and resumed; True when both
+    end bit-identical. The arguments are checked against the config and the data before anything runs."""
+    if not timeout_s > 0:
+        raise VerifyError(f"--timeout={timeout_s}: must be > 0 (seconds allowed per run)")
     base = load_config(config, overrides)
+    nproc = default_nproc(base) if nproc is None else nproc
+    if nproc < 1:
+        raise VerifyError(f"--nproc={nproc}: must be >= 1")
+    data.prepare_data(base.data)
+    steps = step_counts(base.train, data.train_batches_per_epoch(base.data, batch_size=base.train.batch_size,
+                                                                 world_size=nproc))
+    final_step = steps.final
+    run_length = (f"{config} with {nproc} process(es) runs {final_step} optimizer step(s) "
+                  f"({steps.per_epoch} per epoch x {base.train.epochs} epochs"
+                  + (f", stopped by train.max_steps={base.train.max_steps})" if final_step < steps.total else ")"))
+    if final_step < 2:
+        raise VerifyError(f"{run_length}: too few to stop in between; raise train.epochs or train.max_steps")
+    if stop_after is None:
+        stop_after = min(final_step // 2 + 1, final_step - 1)  # odd offsets tend to land mid-epoch
+    if not 0 < stop_after < final_step:
+        raise VerifyError(f"--stop-after={stop_after}: must be between 1 and {final_step - 1}: {run_length}")
+    print(f"verify-resume: {nproc} process(es) per run; {final_step} optimizer steps, the interrupted run stops "
+          f"after step {stop_after}", flush=True)
+
     full = [*overrides, f"run.name={base.run.name}-verify-full", "train.resume=never"]
     _run(train_command(config, full, nproc), timeout_s)
     full_state = _final_state(config, full)
-    if stop_after is None:
-        stop_after = max(1, full_state["step"] // 2 + 1)  # odd offsets tend to land mid-epoch
-    if not 0 < stop_after < full_state["step"]:
-        raise ValueError(f"--stop-after={stop_after} must be between 1 and {full_state['step'] - 1}")
+    if full_state["step"] != final_step:
+        raise RuntimeError(f"the uninterrupted run ended at step {full_state['step']}, not at the {final_step} "
+                           "its config and data give; see its log")
     resumed = [*overrides, f"run.name={base.run.name}-verify-resumed"]
     _run(train_command(config, [*resumed, "train.resume=never", f"train.max_steps={stop_after}"], nproc), timeout_s)
     _run(train_command(config, [*resumed, "train.resume=auto"], nproc), timeout_s)

@@ -4,6 +4,7 @@ per image in the workers, device-side augmentation.
 The training loop needs only:
     prepare_data(cfg)          every process, before the process group: create the demo file, validate
     build_dataloaders(cfg,...) this rank's Loaders (train/val DataLoaders yielding (images, labels, row_ids))
+    train_batches_per_epoch(cfg, ...) how many training batches each rank gets per epoch, without loaders
     to_device(images, labels, device, cfg, train=..., batch_transform=loaders.batch_transform)
 Converters, inspection and `register_cli` back the `ddp-kit data ...` commands. See docs/data.md.
 """
@@ -15,7 +16,7 @@ from ddp_kit.data.device import to_device
 from ddp_kit.data.errors import DataError
 from ddp_kit.data.hdf5 import SplitInfo, describe_split
 from ddp_kit.data.inspection import inspect_h5
-from ddp_kit.data.loader import Loaders, build_dataloaders
+from ddp_kit.data.loader import Loaders, build_dataloaders, train_batches_per_epoch
 from ddp_kit.data.prepare import prepare_data
 from ddp_kit.data.sampler import ShardBatchSampler, TrainBatchSampler
 from ddp_kit.data.writer import write_h5
@@ -36,6 +37,7 @@ __all__ = [
     "prepare_data",
     "register_cli",
     "to_device",
+    "train_batches_per_epoch",
     "write_digits",
     "write_h5",
 ]

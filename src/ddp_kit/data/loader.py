@@ -146,6 +146,24 @@ def _loader(dataset: Dataset, sampler, cfg: DataConfig, *, device: torch.device,
                       worker_init_fn=init, generator=generator, **options)
 
 
+def _train_sampler(cfg: DataConfig, split: SplitInfo, *, batch_size: int, rank: int, world_size: int,
+                   seed: int) -> TrainBatchSampler:
+    try:
+        return TrainBatchSampler(split.length, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                                 shuffle=cfg.shuffle, block_rows=cfg.block_size or split.default_block_rows,
+                                 shuffle_window=cfg.shuffle_window, drop_last=cfg.drop_last,
+                                 num_workers=cfg.num_workers)
+    except ValueError as exc:
+        raise DataError(f"{split.path}: '{split.images_path}': {exc}") from exc
+
+
+def train_batches_per_epoch(cfg: DataConfig, *, batch_size: int, world_size: int) -> int:
+    """Training micro-batches per epoch on every rank, from the file's metadata alone (no loader is built)."""
+    train_split, _ = config_splits(cfg)
+    # The count is the same on every rank and for every seed.
+    return len(_train_sampler(cfg, train_split, batch_size=batch_size, rank=0, world_size=world_size, seed=0))
+
+
 def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, rank: int, world_size: int,
                       seed: int, device: torch.device, num_classes: int, in_channels: int,
                       stats_rows: Optional[int] = None) -> Loaders:
@@ -156,14 +174,9 @@ def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, 
     """
     train_split, val_split = config_splits(cfg)
     _check_shapes(train_split, val_split, in_channels)
-    block_rows = cfg.block_size or train_split.default_block_rows
-    try:
-        train_sampler = TrainBatchSampler(train_split.length, batch_size=batch_size, rank=rank,
-                                          world_size=world_size, seed=seed, shuffle=cfg.shuffle,
-                                          block_rows=block_rows, shuffle_window=cfg.shuffle_window,
-                                          drop_last=cfg.drop_last, num_workers=cfg.num_workers)
-    except ValueError as exc:
-        raise DataError(f"{train_split.path}: '{train_split.images_path}': {exc}") from exc
+    train_sampler = _train_sampler(cfg, train_split, batch_size=batch_size, rank=rank, world_size=world_size,
+                                   seed=seed)
+    block_rows = train_sampler.block_rows
     val_sampler = ShardBatchSampler(val_split.length, batch_size=val_batch_size, rank=rank, world_size=world_size)
     train_eval_sampler = ShardBatchSampler(min(stats_rows or train_split.length, train_split.length),
                                            batch_size=val_batch_size, rank=rank, world_size=world_size)

@@ -1,0 +1,77 @@
+"""`ddp-kit verify-resume` checks its arguments against the config and the data before anything trains."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from ddp_kit import cli
+from ddp_kit.config import load_config, step_counts
+from ddp_kit.data import train_batches_per_epoch
+from procs import REPO, run
+
+CONFIG = REPO / "configs" / "digits.yaml"
+
+
+def verify(capfd, tiny_h5, tmp_path, *args, **extra):
+    """verify-resume in this process (with tiny_overrides: 96 rows, batch 8, 2 epochs); (exit code, stderr)."""
+    code = cli.main(["verify-resume", "--config", str(CONFIG), "--timeout", "60", *args,
+                     *tiny_overrides(tiny_h5, tmp_path, **extra)])
+    return code, capfd.readouterr().err
+
+
+def test_stop_after_beyond_the_run_is_refused_before_anything_runs(tiny_h5, tmp_path):
+    command = [sys.executable, "-m", "ddp_kit.cli", "verify-resume", "--config", str(CONFIG), "--nproc", "1",
+               "--stop-after", "40", *tiny_overrides(tiny_h5, tmp_path)]
+    out = run(command, timeout=120, check=False)
+    assert out.returncode == 1
+    # 96 rows / batch 8 = 12 optimizer steps per epoch, 2 epochs
+    assert out.stdout.splitlines() == [
+        f"ddp-kit: error: --stop-after=40: must be between 1 and 23: {CONFIG} with 1 process(es) runs 24 "
+        "optimizer step(s) (12 per epoch x 2 epochs)"]
+    assert list(tmp_path.iterdir()) == []  # neither run directory was created
+
+
+@pytest.mark.parametrize("args, extra, message", [
+    (["--nproc", "0"], {}, "--nproc=0: must be >= 1"),
+    (["--timeout", "0"], {}, "--timeout=0.0: must be > 0"),
+    (["--nproc", "1", "--stop-after", "0"], {}, "--stop-after=0: must be between 1 and 23"),
+    (["--nproc", "1", "--stop-after", "24"], {}, "--stop-after=24: must be between 1 and 23"),
+    (["--nproc", "2", "--stop-after", "12"], {}, "--stop-after=12: must be between 1 and 11"),
+    (["--nproc", "1", "--stop-after", "5"], {"train.max_steps": 5},
+     "--stop-after=5: must be between 1 and 4: "),
+    (["--nproc", "1"], {"train.max_steps": 1}, "runs 1 optimizer step(s) (12 per epoch x 2 epochs, stopped by "
+                                                "train.max_steps=1): too few to stop in between"),
+])
+def test_impossible_arguments_are_one_line_errors(capfd, tiny_h5, tmp_path, args, extra, message):
+    code, err = verify(capfd, tiny_h5, tmp_path, *args, **extra)
+    assert code == 1 and len(err.splitlines()) == 1 and err.startswith("ddp-kit: error: ") and message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cuda_devices, device, nproc, last_step", [(0, "auto", 1, 24), (2, "auto", 2, 12),
+                                                                    (3, "cpu", 1, 24)])
+def test_nproc_defaults_to_one_process_per_visible_gpu(capfd, monkeypatch, tiny_h5, tmp_path, cuda_devices, device,
+                                                       nproc, last_step):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    code, err = verify(capfd, tiny_h5, tmp_path, "--stop-after", "99", **{"distributed.device": device})
+    assert code == 1 and f"with {nproc} process(es) runs {last_step} optimizer step(s)" in err
+
+
+@pytest.mark.parametrize("world, batch, accum, drop_last, epochs, max_steps, expected", [
+    (1, 8, 1, "false", 2, "null", (12, 12, 24, 24)),
+    (3, 8, 3, "false", 2, "null", (4, 2, 4, 4)),  # 32 rows per rank; a short last window still steps
+    (5, 8, 1, "true", 3, "null", (2, 2, 6, 6)),  # 96 // 40 global batches
+    (5, 8, 2, "false", 3, 5, (3, 2, 6, 5)),  # ceil(96 / 5) = 20 rows per rank, padded
+    (4, 7, 4, "false", 2, "null", (4, 1, 2, 2)),
+])
+def test_step_counts_from_the_file_metadata(tiny_h5, tmp_path, world, batch, accum, drop_last, epochs, max_steps,
+                                            expected):
+    cfg = load_config(CONFIG, tiny_overrides(tiny_h5, tmp_path, **{
+        "train.batch_size": batch, "train.accum_steps": accum, "data.drop_last": drop_last, "train.epochs": epochs,
+        "train.max_steps": max_steps}))
+    steps = step_counts(cfg.train, train_batches_per_epoch(cfg.data, batch_size=batch, world_size=world))
+    assert (steps.micro_per_epoch, steps.per_epoch, steps.total, steps.final) == expected
