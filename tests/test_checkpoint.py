@@ -339,7 +339,7 @@ KILLED_SAVER = textwrap.dedent("""
     from ddp_kit.checkpoint import CheckpointManager
     from ddp_kit.config import CheckpointConfig
     manager = CheckpointManager(sys.argv[1], CheckpointConfig(keep_last=1, best_metric=None))
-    manager.save({"model": {"w": torch.zeros(4)}, "step": 1}, step=1, epoch=0)
+    manager.save({"model": {"w": torch.ones(4)}, "step": 1}, step=1, epoch=0)  # w[0] == step, as below
     big = torch.randn(16 * 2**20)  # 64 MiB: a write long enough to be caught in the middle
     step = 2
     while True:

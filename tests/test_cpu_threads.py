@@ -4,7 +4,6 @@ it; distributed.cpu_threads and OMP_NUM_THREADS win. Same threads on every layou
 from __future__ import annotations
 
 import os
-import re
 import socket
 import sys
 

@@ -2,7 +2,6 @@
 
 import os
 import pickle
-import random
 import signal
 import subprocess
 import sys
@@ -237,29 +236,3 @@ def test_in_memory_mode_serves_the_same_batches_from_shared_memory(tmp_path, con
     for a, b in zip(from_file.train, in_memory.train, strict=True):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
-
-
-def test_worker_seeds_differ_by_rank_and_worker_and_repeat(tmp_path, monkeypatch):
-    make_file(tmp_path / "d.h5", 40)
-    # The init function also reshapes signal handling for a worker process; not for pytest's own process.
-    monkeypatch.setattr("ddp_kit.data.loader.protect_dataloader_worker", lambda: None)
-
-    def first_draws(rank):
-        built = loaders(data_config(tmp_path / "d.h5", num_workers=2, persistent_workers=False), rank=rank,
-                        world_size=2)
-        built.train_sampler.set_epoch(0)
-        init = built.train.worker_init_fn
-        draws = []
-        saved = np.random.get_state(), random.getstate(), torch.multiprocessing.get_sharing_strategy()
-        with torch.random.fork_rng():  # the init function reseeds this process's global generators
-            for worker in range(2):
-                init(worker)
-                draws.append((np.random.randint(2**31), random.random(), torch.randint(2**31, ()).item()))
-        np.random.set_state(saved[0])
-        random.setstate(saved[1])
-        torch.multiprocessing.set_sharing_strategy(saved[2])  # and sets the worker's sharing strategy
-        return draws
-
-    rank0, rank1 = first_draws(0), first_draws(1)
-    assert rank0 == first_draws(0)
-    assert len(set(rank0 + rank1)) == 4

@@ -62,12 +62,19 @@ def test_horizontal_flip_per_sample():
     assert 10 < sum(mirrored) < 54
 
 
-def test_augmentation_is_reproducible_with_the_global_seed():
+def test_augmentation_draws_from_its_seed_and_leaves_the_global_generator_alone():
     images = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
     cfg = DataConfig(mean=[0.5], std=[0.25], random_crop_padding=4, horizontal_flip=True)
+    labels = torch.zeros(16, dtype=torch.int64)
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    first = to_device(images, labels, CPU, cfg, train=True, augment_seed=7)[0]
+    assert torch.equal(torch.rand(4), expected_next), "a seeded draw consumes nothing of the global stream"
+    assert torch.equal(to_device(images, labels, CPU, cfg, train=True, augment_seed=7)[0], first)
+    assert not torch.equal(to_device(images, labels, CPU, cfg, train=True, augment_seed=8)[0], first)
     runs = []
-    for _ in range(2):
+    for _ in range(2):  # without a seed: the global generator, reproducible with torch.manual_seed
         torch.manual_seed(123)
-        runs.append(to_device(images, torch.zeros(16, dtype=torch.int64), CPU, cfg, train=True)[0])
-    assert torch.equal(*runs)
-    assert not torch.equal(runs[0], to_device(images, torch.zeros(16, dtype=torch.int64), CPU, cfg, train=True)[0])
+        runs.append(to_device(images, labels, CPU, cfg, train=True)[0])
+    assert torch.equal(*runs) and not torch.equal(runs[0], to_device(images, labels, CPU, cfg, train=True)[0])

@@ -1,5 +1,7 @@
 """torchvision transforms.v2 from the config: per image in the loader workers, per batch on the device."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -43,6 +45,40 @@ def test_sample_transforms_draw_parameters_per_image(tmp_path):
         assert all(f != k for f, k in zip(flipped, kept))  # each image is either flipped or untouched
         flipped_per_batch.append(sum(flipped))
     assert all(0 < count < 32 for count in flipped_per_batch)  # both within every batch
+
+
+def _flip_draws(cfg, images, epochs, *, start_batch: int = 0, **where) -> dict:
+    """{(epoch, row): flipped?} from a real loader over `epochs` (the first started at `start_batch`)."""
+    built = loaders(cfg, batch_size=8, **where)
+    draws = {}
+    for n, epoch in enumerate(epochs):
+        built.train_sampler.set_epoch(epoch, start_batch=start_batch if n == 0 else 0)
+        for x, _, ids in built.train:
+            for got, row in zip(x.numpy(), ids.tolist()):
+                flipped = bool(np.array_equal(got, images[row][..., ::-1]))
+                assert flipped or np.array_equal(got, images[row])
+                draws[epoch, row] = flipped
+    return draws
+
+
+def test_sample_draws_depend_on_seed_epoch_and_row_only(tmp_path):
+    images, _ = make_file(tmp_path / "d.h5", 64)["train"]
+    flip = [{"RandomHorizontalFlip": {"p": 0.5}}]
+    cfg = data_config(tmp_path / "d.h5", sample_transforms=flip, shuffle="none", num_workers=2,
+                      persistent_workers=False)
+    reference = _flip_draws(cfg, images, [0, 1])  # workers rebuilt every epoch: they used to repeat epoch 0
+    assert len(reference) == 128 and 16 < sum(reference.values()) < 112
+    changed = sum(reference[0, row] != reference[1, row] for row in range(64))
+    assert 10 < changed < 54, "each epoch draws anew"
+    assert _flip_draws(replace(cfg, persistent_workers=True), images, [0, 1]) == reference
+    assert _flip_draws(replace(cfg, num_workers=0), images, [0, 1]) == reference
+    assert _flip_draws(replace(cfg, shuffle="chunk"), images, [0, 1]) == reference, "draws follow the row"
+    ranks = [_flip_draws(cfg, images, [1], rank=r, world_size=3) for r in range(3)]
+    assert {k: v for r in ranks for k, v in r.items()} == {k: v for k, v in reference.items() if k[0] == 1}
+    resumed = _flip_draws(cfg, images, [1], start_batch=3)  # a rebuilt loader, resumed mid-epoch
+    assert len(resumed) == 40 and all(reference[key] == flipped for key, flipped in resumed.items())
+    other_seed = _flip_draws(cfg, images, [0], seed=1)
+    assert other_seed != {k: v for k, v in reference.items() if k[0] == 0}
 
 
 def test_batch_transforms_run_on_the_device_batch_before_normalization(tmp_path):

@@ -177,7 +177,8 @@ def train(cfg: Config) -> dict:
                                              "indices": indices.tolist()}) + "\n")
                 images, labels = data.to_device(images, labels, device, cfg.data, train=True,
                                                 channels_last=cfg.model.channels_last,
-                                                batch_transform=loaders.batch_transform)
+                                                batch_transform=loaders.batch_transform,
+                                                augment_seed=data.draw_seed(cfg.run.seed, epoch, micro, rt.rank))
                 if buffers and micro == window_start:
                     torch._foreach_copy_(buffers_before_window, buffers)
                 # The forward too must run under no_sync(): DDP prepares the all-reduce in forward.

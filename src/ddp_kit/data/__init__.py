@@ -5,7 +5,8 @@ The training loop needs only:
     prepare_data(cfg)          every process, before the process group: create the demo file, validate
     build_dataloaders(cfg,...) this rank's Loaders (train/val DataLoaders yielding (images, labels, row_ids))
     train_batches_per_epoch(cfg, ...) how many training batches each rank gets per epoch, without loaders
-    to_device(images, labels, device, cfg, train=..., batch_transform=loaders.batch_transform)
+    to_device(images, labels, device, cfg, train=..., batch_transform=loaders.batch_transform,
+              augment_seed=draw_seed(seed, epoch, micro, rank))   per-micro-batch augmentation draws
 Converters, inspection and `register_cli` back the `ddp-kit data ...` commands. See docs/data.md.
 """
 
@@ -19,6 +20,7 @@ from ddp_kit.data.inspection import inspect_h5
 from ddp_kit.data.loader import Loaders, build_dataloaders, train_batches_per_epoch
 from ddp_kit.data.prepare import prepare_data
 from ddp_kit.data.sampler import ShardBatchSampler, TrainBatchSampler
+from ddp_kit.data.seeding import draw_seed, seeded
 from ddp_kit.data.writer import write_h5
 
 __all__ = [
@@ -33,9 +35,11 @@ __all__ = [
     "convert_imagefolder",
     "convert_npz",
     "describe_split",
+    "draw_seed",
     "inspect_h5",
     "prepare_data",
     "register_cli",
+    "seeded",
     "to_device",
     "train_batches_per_epoch",
     "write_digits",

@@ -1,12 +1,13 @@
 """Moving a batch to the device and preparing it there: scaling, augmentation, normalization.
 
 Batches travel as stored (uint8 is 4x smaller than float32) and become float on the device. Augmentation
-runs per batch on the device with per-sample random parameters drawn from torch's global RNG of that
-device, so `torch.manual_seed` makes a run reproducible.
+runs per batch on the device with per-sample random parameters drawn from that device's generator, seeded
+per micro-batch by the training loop (data/seeding.py), so draws survive a resume and ignore dropout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Optional
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ddp_kit.config import DataConfig
+from ddp_kit.data.seeding import seeded
 
 
 @functools.lru_cache(maxsize=16)
@@ -39,6 +41,14 @@ def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
 
 
+def _augment(x: torch.Tensor, cfg: DataConfig, batch_transform) -> torch.Tensor:
+    if cfg.random_crop_padding:
+        x = random_crop(x, cfg.random_crop_padding)
+    if cfg.horizontal_flip:
+        x = random_horizontal_flip(x)
+    return batch_transform(x) if batch_transform is not None else x
+
+
 def unit_float(images: torch.Tensor) -> torch.Tensor:
     """float32 images in [0, 1]: uint8 divided by 255, float images taken as already scaled."""
     x = images.to(torch.float32)
@@ -47,21 +57,22 @@ def unit_float(images: torch.Tensor) -> torch.Tensor:
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, cfg: DataConfig, *,
               train: bool, channels_last: bool = False,
-              batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+              augment_seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Transfer a batch (non-blocking; pinned memory makes it asynchronous), scale uint8 to [0, 1]
     (float images are taken as already scaled), augment when `train` (cfg's crop and flip, then
     `batch_transform`, e.g. `Loaders.batch_transform` from data.batch_transforms), normalize with cfg.mean/std.
+    The augmentation draws from generators seeded by `augment_seed` (the training loop passes one per
+    micro-batch, data/seeding.py), or from the device's global generator if None.
 
     Returns float32 images (channels-last memory format if asked) and int64 labels on `device`.
     """
     x = unit_float(images.to(device, non_blocking=True))
-    if train and cfg.random_crop_padding:
-        x = random_crop(x, cfg.random_crop_padding)
-    if train and cfg.horizontal_flip:
-        x = random_horizontal_flip(x)
-    if train and batch_transform is not None:
-        x = batch_transform(x)
+    if train and (cfg.random_crop_padding or cfg.horizontal_flip or batch_transform is not None):
+        draws = (seeded(augment_seed, [x.device], torch_only=True) if augment_seed is not None
+                 else contextlib.nullcontext())
+        with draws:
+            x = _augment(x, cfg, batch_transform)
     x = (x - _per_channel(tuple(cfg.mean), x.device)) / _per_channel(tuple(cfg.std), x.device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=memory_format), labels.to(device, non_blocking=True, dtype=torch.int64)

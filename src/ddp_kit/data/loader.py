@@ -23,7 +23,8 @@ from ddp_kit.data.device import unit_float
 from ddp_kit.data.errors import DataError
 from ddp_kit.data.hdf5 import SplitInfo, config_splits, open_h5
 from ddp_kit.data.sampler import ShardBatchSampler, TrainBatchSampler
-from ddp_kit.data.transforms import SampleTransformDataset, Transform, build_transform, check_transform
+from ddp_kit.data.seeding import draw_seed
+from ddp_kit.data.transforms import EpochBatches, SampleTransformDataset, Transform, build_transform, check_transform
 from ddp_kit.preemption import protect_dataloader_worker
 
 
@@ -40,10 +41,10 @@ class Loaders:
 
 
 def init_worker(worker_id: int, *, seed: int, rank: int, sharing_strategy: str) -> None:
-    """DataLoader worker_init_fn: seed numpy, random and torch from (seed, rank, worker id), so workers of
-    different ranks never share a random stream and a rerun with the same seed repeats them; choose how
-    this worker's batches travel; keep the worker alive through a stop signal."""
-    worker_seed = int(np.random.SeedSequence([seed % 2**64, rank, worker_id]).generate_state(1, np.uint64)[0])
+    """DataLoader worker_init_fn: seed numpy, random and torch from (seed, rank, worker id) for any draw made
+    outside the per-sample seeding of data/seeding.py (ddp_kit makes none), so no two workers share a stream;
+    choose how this worker's batches travel; keep the worker alive through a stop signal."""
+    worker_seed = draw_seed(seed, rank, worker_id)
     np.random.seed(worker_seed % 2**32)
     random.seed(worker_seed)
     torch.manual_seed(worker_seed)
@@ -140,7 +141,7 @@ def _loader(dataset: Dataset, sampler, cfg: DataConfig, *, device: torch.device,
                        multiprocessing_context=cfg.multiprocessing_context)
     pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
     # A private generator: creating worker iterators must not consume the training's global torch RNG.
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**64, rank]).generate_state(1)[0]))
+    generator = torch.Generator().manual_seed(draw_seed(seed, rank))
     init = functools.partial(init_worker, seed=seed, rank=rank, sharing_strategy=cfg.worker_sharing_strategy)
     return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=pin,
                       worker_init_fn=init, generator=generator, **options)
@@ -183,13 +184,16 @@ def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, 
     sample_transform, batch_transform = _transforms(cfg, train_split)
     train_set = _dataset(train_split, cfg, num_classes=num_classes, shuffle=cfg.shuffle, batch_size=batch_size,
                          block_rows=block_rows)
-    augmented_train_set = train_set if sample_transform is None else SampleTransformDataset(train_set, sample_transform)
+    augmented_train_set, train_batches = train_set, train_sampler
+    if sample_transform is not None:
+        augmented_train_set = SampleTransformDataset(train_set, sample_transform, seed)
+        train_batches = EpochBatches(train_sampler)
     val_set = _dataset(val_split, cfg, num_classes=num_classes, shuffle="none", batch_size=val_batch_size,
                        block_rows=block_rows)
     train_prefetch = prefetch_batches(cfg, shuffle=cfg.shuffle, batch_size=batch_size, block_rows=block_rows)
     eval_prefetch = prefetch_batches(cfg, shuffle="none", batch_size=val_batch_size, block_rows=block_rows)
     return Loaders(
-        train=_loader(augmented_train_set, train_sampler, cfg, device=device, seed=seed, rank=rank,
+        train=_loader(augmented_train_set, train_batches, cfg, device=device, seed=seed, rank=rank,
                       prefetch_factor=train_prefetch),
         val=_loader(val_set, val_sampler, cfg, device=device, seed=seed, rank=rank, prefetch_factor=eval_prefetch),
         train_sampler=train_sampler,

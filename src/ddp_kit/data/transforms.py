@@ -16,14 +16,31 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ddp_kit.config import did_you_mean
 from ddp_kit.data.dataset import Batch, batch_buffers
 from ddp_kit.data.errors import DataError
+from ddp_kit.data.seeding import draw_seed, seeded
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class EpochBatches:
+    """A training batch sampler whose batches are passed on as (epoch, rows), so that a dataset in a
+    persistent worker, which never sees `set_epoch`, knows which epoch each batch belongs to."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, rows) for rows in self.sampler)
 
 
 def build_transform(specs: list[dict], key: str) -> Optional[Transform]:
@@ -75,18 +92,24 @@ def check_transform(transform: Transform, images: torch.Tensor, *, key: str, sou
 
 class SampleTransformDataset(Dataset):
     """Another batched dataset's batches with `transform` applied to each image on its own, in the process
-    that reads (a DataLoader worker), so every image draws its own random parameters."""
+    that reads (a DataLoader worker). Indexed by (epoch, rows) (`EpochBatches`): each image draws its random
+    parameters from generators seeded by (seed, epoch, row id), the same in any worker and after a resume."""
 
-    def __init__(self, dataset: Dataset, transform: Transform):
+    def __init__(self, dataset: Dataset, transform: Transform, seed: int):
         self.dataset = dataset
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, rows) -> Batch:
+    def __getitem__(self, index: tuple[int, np.ndarray]) -> Batch:
+        epoch, rows = index
         images, labels, ids = self.dataset[rows]
-        transformed = [self.transform(image) for image in images]
+        transformed = []
+        for image, row in zip(images, ids.tolist()):
+            with seeded(draw_seed(self.seed, epoch, row), torch_only=True):
+                transformed.append(self.transform(image))
         first = transformed[0]
         out, out_labels, out_ids = batch_buffers(len(transformed), tuple(first.shape), first.dtype)
         try:
