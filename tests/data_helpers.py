@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ddp_kit.config import DataConfig
-from ddp_kit.data import Loaders, build_dataloaders, write_h5
+from ddp_kit.data import DataError, Loaders, build_dataloaders, prepare_data, write_h5
 
 
 def make_arrays(n: int, shape=(3, 4, 5), num_classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -37,8 +38,21 @@ def data_config(path: Path, **overrides) -> DataConfig:
 
 
 def loaders(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, batch_size: int = 8, val_batch_size: int = 16,
-            seed: int = 0, stats_rows: int | None = None) -> Loaders:
-    """build_dataloaders on the CPU for the 3-channel, 10-class files above."""
+            seed: int = 0, num_classes: int = 10, in_channels: int = 3, stats_rows: int | None = None) -> Loaders:
+    """build_dataloaders on the CPU, by default for the 3-channel, 10-class files above."""
     return build_dataloaders(cfg, batch_size=batch_size, val_batch_size=val_batch_size, rank=rank,
-                             world_size=world_size, seed=seed, device=torch.device("cpu"), num_classes=10,
-                             in_channels=3, stats_rows=stats_rows)
+                             world_size=world_size, seed=seed, device=torch.device("cpu"), num_classes=num_classes,
+                             in_channels=in_channels, stats_rows=stats_rows)
+
+
+def refused(cfg: DataConfig, *fragments: str, **loader_kwargs) -> str:
+    """`prepare_data` (or, given `loaders` arguments, `loaders`) raises a DataError whose message contains
+    every fragment (file, key, remedy); returns the message."""
+    with pytest.raises(DataError) as error:
+        if loader_kwargs:
+            loaders(cfg, **loader_kwargs)
+        else:
+            prepare_data(cfg)
+    for fragment in fragments:
+        assert fragment in str(error.value), f"{fragment!r} not in: {error.value}"
+    return str(error.value)

@@ -3,29 +3,11 @@
 import h5py
 import numpy as np
 import pytest
-import torch
 
-from data_helpers import data_config, make_arrays, make_file
-from ddp_kit.data import DataError, build_dataloaders, prepare_data, write_h5
+from data_helpers import data_config, loaders, make_arrays, make_file, refused
+from ddp_kit.data import prepare_data, write_h5
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def build(cfg, *, num_classes=10, in_channels=3):
-    return build_dataloaders(cfg, batch_size=4, val_batch_size=4, rank=0, world_size=1, seed=0,
-                             device=torch.device("cpu"), num_classes=num_classes, in_channels=in_channels)
-
-
-def refused(cfg, *fragments, **build_kwargs):
-    """Both entry points raise, and the message contains every fragment (file, key, remedy)."""
-    with pytest.raises(DataError) as error:
-        if build_kwargs:
-            build(cfg, **build_kwargs)
-        else:
-            prepare_data(cfg)
-    for fragment in fragments:
-        assert fragment in str(error.value), f"{fragment!r} not in: {error.value}"
-    return str(error.value)
 
 
 def test_missing_file(tmp_path):
@@ -99,7 +81,7 @@ def test_labels_outside_num_classes(tmp_path, bad):
                       "model.num_classes is 10", num_classes=10)
     assert f"row 13 is {bad}" in message
     if bad == 10:
-        assert build(data_config(tmp_path / "d.h5"), num_classes=11).train_size == 20
+        assert loaders(data_config(tmp_path / "d.h5"), num_classes=11).train_size == 20
 
 
 def test_wrong_channels(tmp_path):
@@ -114,7 +96,7 @@ def test_wrong_channels_suggests_the_layout(tmp_path):
         f["train/images"], f["train/labels"] = images, labels
         f["val/images"], f["val/labels"] = images, labels
     refused(data_config(tmp_path / "d.h5"), "data.layout: NHWC", in_channels=3)
-    assert build(data_config(tmp_path / "d.h5", layout="NHWC")).train_size == 8
+    assert loaders(data_config(tmp_path / "d.h5", layout="NHWC")).train_size == 8
 
 
 def test_splits_with_different_image_sizes(tmp_path):
@@ -167,7 +149,7 @@ def test_data_outside_the_file_needs_the_switch(tmp_path, make):
             "data.allow_external_storage")
     allowed = data_config(tmp_path / "d.h5", allow_external_storage=True)
     prepare_data(allowed)
-    built = build(allowed)
+    built = loaders(allowed)
     built.train_sampler.set_epoch(0)
     images, labels, rows = next(iter(built.train))
     np.testing.assert_array_equal(images.numpy(), make_arrays(30)[0][rows.numpy()])

@@ -77,7 +77,7 @@ def _row_ids(rows, length: int, split: SplitInfo) -> np.ndarray:
 def load_labels(split: SplitInfo, num_classes: int) -> torch.Tensor:
     """All labels of the split as an int64 tensor in shared memory, checked to lie in [0, num_classes)."""
     with open_h5(split.path) as f:
-        labels = f[split.labels_path][()]
+        labels = split.dataset(f, "labels")[()]
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         bad = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
@@ -94,7 +94,7 @@ def load_images(split: SplitInfo) -> torch.Tensor:
     target = images.numpy()
     step = max(1, LOAD_SLICE_BYTES // split.row_bytes)
     with open_h5(split.path) as f:
-        source = f[split.images_path]
+        source = split.dataset(f, "images")
         for start in range(0, split.length, step):
             rows = np.s_[start:min(start + step, split.length)]
             source.read_direct(target, rows, rows)
@@ -154,7 +154,7 @@ class H5ImageDataset(Dataset):
             except OSError as exc:
                 raise DataError(f"{self.split.path}: cannot be opened for reading '{self.split.images_path}' "
                                 f"({exc}); was it moved, replaced or truncated after validation?") from exc
-            self._images = self._file[self.split.images_path]
+            self._images = self.split.dataset(self._file, "images")
             self._pid = os.getpid()
         return self._images
 

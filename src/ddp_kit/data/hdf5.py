@@ -3,6 +3,8 @@
 `describe_split` checks everything that can be checked without reading pixel data (the file opens, keys
 exist, lengths agree, shapes and dtypes are usable, nothing points outside the file unless allowed) and
 returns a picklable `SplitInfo`. DataLoader workers receive that description, never an open handle.
+`resolve_path` is the one lookup of a path in a user's file: unless data.allow_external_storage is set it
+follows soft links itself and refuses anything leading into another file before HDF5 could open that file.
 """
 
 from __future__ import annotations
@@ -67,9 +69,11 @@ class SplitInfo:
     """Everything a reader needs to know about one split, validated; cheap to pickle."""
 
     path: str
-    group: str  # "" for the file root
-    images_key: str
-    labels_key: str
+    # Where the readers find the images and labels: unless allow_external, the datasets' own names in the
+    # file with every soft link resolved, so a reader follows no link; otherwise the configured paths.
+    images_path: str
+    labels_path: str
+    allow_external: bool
     length: int
     row_shape: tuple[int, ...]  # shape of one stored image: (C, H, W), (H, W, C) or (H, W)
     layout: str  # NCHW, NHWC, or NHW for single-channel images stored without a channel axis
@@ -78,16 +82,12 @@ class SplitInfo:
     compressed: bool  # the images pass through HDF5 filters (gzip, lzf, ...): reading a chunk decodes it whole
     class_names: Optional[tuple[str, ...]] = None
 
-    def key_path(self, key: str) -> str:
-        return "/" + "/".join(p for p in (*self.group.split("/"), key) if p)
-
-    @property
-    def images_path(self) -> str:
-        return self.key_path(self.images_key)
-
-    @property
-    def labels_path(self) -> str:
-        return self.key_path(self.labels_key)
+    def dataset(self, f: h5py.File, key: str) -> h5py.Dataset:
+        """The split's `key` ("images" or "labels") in `f`, this split's file opened by a reader, looked up
+        as describe_split did: a file rewritten since then to point elsewhere is refused, not followed."""
+        path = self.images_path if key == "images" else self.labels_path
+        steps = [(part, f"data.{key}_key") for part in path.split("/") if part]
+        return _dataset_at(f, steps, self.allow_external)[0]
 
     @property
     def channels(self) -> int:
@@ -120,46 +120,120 @@ class SplitInfo:
         return {"cache_bytes": (chunks_per_read + 1) * chunk_bytes, "cache_chunks": chunks_per_read + 1}
 
 
-def _check_not_external(f: h5py.File, obj, node_path: str, path: str) -> None:
-    """Refuse data that lives in another file: external storage and virtual datasets (the caller refuses
-    external links while walking the path); the file-identity check also catches soft links into them."""
-    where = f"{path}: '{node_path}'"
+EXTERNAL_HINT = "copy the data into this file, or set data.allow_external_storage: true if you trust the linked file"
+# Soft links followed in one lookup: HDF5's own default (H5Pset_nlinks), so a path that resolves when HDF5
+# follows the links (data.allow_external_storage: true) resolves here too.
+MAX_SOFT_LINKS = 16
+
+
+def _join(group_path: str, name: str) -> str:
+    return group_path.rstrip("/") + "/" + name
+
+
+def _check_in_file(node, where: str, file: str) -> None:
+    """Refuse a dataset whose data lives in another file (external storage, virtual dataset). Only the
+    creation property list is read: asking a virtual dataset for its shape can open its source files."""
+    if not isinstance(node, h5py.Dataset):
+        return
     hint = "copy the data into this file, or set data.allow_external_storage: true if you trust its sources"
-    if isinstance(obj, h5py.Dataset):
-        if obj.external:
-            files = sorted({name for name, _, _ in obj.external})
-            raise DataError(f"{where} uses external storage (raw data in {', '.join(map(str, files))}); {hint}")
-        if obj.is_virtual:
-            files = sorted({source.file_name for source in obj.virtual_sources()})
-            raise DataError(f"{where} is a virtual dataset (data mapped from {', '.join(files)}); {hint}")
-    if os.path.realpath(obj.file.filename) != os.path.realpath(f.filename):
-        raise DataError(f"{where} resolves into another file ({obj.file.filename}) through a link; {hint}")
+    if node.external:
+        files = sorted({name for name, _, _ in node.external})
+        raise DataError(f"{file}: {where} uses external storage (raw data in {', '.join(map(str, files))}); {hint}")
+    if node.is_virtual:
+        files = sorted({source.file_name for source in node.virtual_sources()})
+        raise DataError(f"{file}: {where} is a virtual dataset (data mapped from {', '.join(files)}); {hint}")
 
 
-def _resolve(f: h5py.File, parts: list[str], settings: list[str], path: str, allow_external: bool):
-    """Walk `parts` from the root, naming the first missing, broken or (unless allowed) external link and
-    the config setting (`settings[i]` for `parts[i]`) to fix."""
-    node = f
-    for depth, (part, setting) in enumerate(zip(parts, settings)):
-        node_path = "/" + "/".join(parts[: depth + 1])
-        if not isinstance(node, h5py.Group):  # the previous part named a dataset where a group belongs
-            raise DataError(f"{path}: '{node.name}' is a dataset, not a group, so '{node_path}' cannot exist; "
-                            f"check {settings[depth - 1]}")
-        link = node.get(part, getlink=True)
-        if link is None:
-            names = ", ".join(sorted(node.keys())) or "nothing"
-            raise DataError(f"{path}: '{node_path}' does not exist ({setting}); '{node.name}' contains: {names}")
-        if isinstance(link, h5py.ExternalLink) and not allow_external:
-            raise DataError(f"{path}: '{node_path}' is an external link to {link.filename}:{link.path}; "
-                            "copy the data into this file, or set data.allow_external_storage: true "
-                            "if you trust the linked file")
-        try:
-            node = node[part]
-        except (KeyError, OSError) as exc:
-            raise DataError(f"{path}: '{node_path}' is a broken link ({exc}); fix or remove the link") from exc
-        if not allow_external:
-            _check_not_external(f, node, node_path, path)
-    return node
+class _Lookup:
+    """One path looked up link by link from the root of `f`.
+
+    Unless `allow_external`, nothing is dereferenced that HDF5 could follow out of the file: soft links are
+    resolved here (absolute targets from the root, relative ones from the link's group), and an external
+    link, external storage or a virtual dataset met at any step is refused before anything opens it, so
+    the other file is never opened (a dead mount or a FIFO would block that open forever). With
+    `allow_external` HDF5 follows the links itself. `create_groups` creates missing groups (writers).
+    """
+
+    def __init__(self, f: h5py.File, *, allow_external: bool, external_hint: str, create_groups: bool):
+        self.f = f
+        self.allow_external = allow_external
+        self.external_hint = external_hint
+        self.create_groups = create_groups
+        # The soft links whose targets are being resolved, outermost first: (name as its level spells it,
+        # its own path in the file).
+        self.following: list[tuple[str, str]] = []
+        self.hops = 0
+
+    def where(self, spelled: str, real: str) -> str:
+        """The chain of names that led to `real`, e.g. '/train/labels' -> '/alias' -> '/shared/labels'."""
+        names = [name for name, _ in self.following] + [spelled] + ([real] if real != spelled else [])
+        return " -> ".join(f"'{name}'" for name in names)
+
+    def walk(self, node, node_path: str, node_setting: str, steps: list[tuple[str, str]]):
+        """(object, its path) after `steps` [(link name, config setting to fix it)] from `node`; the path
+        is the object's own name in this file unless HDF5 followed the links."""
+        file, spelled = self.f.filename, node_path
+        for part, setting in steps:
+            if part == ".":  # HDF5 reads "." in a path as the current group
+                continue
+            here, spelled = _join(node_path, part), _join(spelled, part)
+            if not isinstance(node, h5py.Group):  # the previous step named a dataset where a group belongs
+                raise DataError(f"{file}: '{node_path}' is a dataset, not a group, so {self.where(spelled, here)} "
+                                f"cannot exist; check {node_setting}")
+            link = node.get(part, getlink=True)
+            if link is None and self.create_groups:
+                node, node_path, node_setting = node.create_group(part), here, setting
+                continue
+            if link is None:
+                names = ", ".join(sorted(node.keys())) or "nothing"
+                raise DataError(f"{file}: {self.where(spelled, here)} does not exist ({setting}); '{node_path}' "
+                                f"contains: {names}")
+            if isinstance(link, h5py.SoftLink) and not self.allow_external:
+                node, node_path = self.follow(node, node_path, (spelled, here), link.path, setting)
+            elif isinstance(link, h5py.ExternalLink) and not self.allow_external:
+                raise DataError(f"{file}: {self.where(spelled, here)} is an external link to "
+                                f"{link.filename}:{link.path}; {self.external_hint}")
+            else:
+                try:
+                    node = node[part]
+                except (KeyError, OSError, RuntimeError) as exc:  # RuntimeError: more links than HDF5 follows
+                    raise DataError(f"{file}: {self.where(spelled, here)} is a broken link ({exc}); fix or "
+                                    "remove the link") from exc
+                node_path = here
+            node_setting = setting
+            if not self.allow_external:
+                _check_in_file(node, self.where(spelled, node_path), file)
+        return node, node_path
+
+    def follow(self, group: h5py.Group, group_path: str, link: tuple[str, str], target: str, setting: str):
+        """Resolve the soft link `link` (spelled, real path) in `group` to `target`."""
+        if link[1] in (real for _, real in self.following):
+            raise DataError(f"{self.f.filename}: soft link cycle {self.where(*link)}; fix the links ({setting})")
+        if self.hops == MAX_SOFT_LINKS:
+            raise DataError(f"{self.f.filename}: {self.where(*link)}: more than {MAX_SOFT_LINKS} soft links to "
+                            f"follow; link to the data directly ({setting})")
+        self.hops += 1
+        self.following.append(link)
+        start = (self.f, "/") if target.startswith("/") else (group, group_path)
+        resolved = self.walk(*start, setting, [(part, setting) for part in target.split("/") if part])
+        self.following.pop()
+        return resolved
+
+
+def resolve_path(f: h5py.File, steps: list[tuple[str, str]], *, allow_external: bool,
+                 external_hint: str = EXTERNAL_HINT, create_groups: bool = False):
+    """(object, path) for the path `steps` = [(name, config setting), ...] from the root of `f`, naming the
+    first missing, broken or (unless `allow_external`) external step, the link chain and the setting to
+    fix. Unless `allow_external` the path returned is the object's own name in this file (no links)."""
+    lookup = _Lookup(f, allow_external=allow_external, external_hint=external_hint, create_groups=create_groups)
+    return lookup.walk(f, "/", "", steps)
+
+
+def _dataset_at(f: h5py.File, steps: list[tuple[str, str]], allow_external: bool) -> tuple[h5py.Dataset, str]:
+    node, node_path = resolve_path(f, steps, allow_external=allow_external)
+    if not isinstance(node, h5py.Dataset):
+        raise DataError(f"{f.filename}: '{node_path}' is a group, not a dataset; check {steps[-1][1]}")
+    return node, node_path
 
 
 def _declared_layout(images: h5py.Dataset, configured: str, path: str) -> str:
@@ -182,14 +256,11 @@ def describe_split(path: str | os.PathLike, *, group: str = "", images_key: str 
     path = str(path)
     group_parts = [p for p in group.split("/") if p]
     with open_existing(path, "/" + "/".join([*group_parts, images_key])) as f:
-        nodes = {}
+        datasets = {}
         for key, setting in ((images_key, "data.images_key"), (labels_key, "data.labels_key")):
-            settings = [group_setting] * len(group_parts) + [setting]
-            node = _resolve(f, [*group_parts, key], settings, path, allow_external)
-            if not isinstance(node, h5py.Dataset):
-                raise DataError(f"{path}: '{node.name}' is a group, not a dataset; check {setting}")
-            nodes[key] = node
-        images, labels = nodes[images_key], nodes[labels_key]
+            steps = [(part, group_setting) for part in group_parts] + [(key, setting)]
+            datasets[key] = _dataset_at(f, steps, allow_external)
+        (images, images_path), (labels, labels_path) = datasets[images_key], datasets[labels_key]
 
         if images.ndim not in (3, 4):
             raise DataError(f"{path}: '{images.name}' has shape {images.shape}; expected images as "
@@ -209,9 +280,9 @@ def describe_split(path: str | os.PathLike, *, group: str = "", images_key: str 
         names = labels.attrs.get("class_names")
         return SplitInfo(
             path=path,
-            group="/".join(group_parts),
-            images_key=images_key,
-            labels_key=labels_key,
+            images_path=images_path,
+            labels_path=labels_path,
+            allow_external=allow_external,
             length=int(images.shape[0]),
             row_shape=tuple(int(s) for s in images.shape[1:]),
             layout=_declared_layout(images, layout, path),

@@ -26,9 +26,9 @@ def _attrs(node) -> list[str]:
 def _storage(ds: h5py.Dataset) -> str:
     if ds.is_virtual:
         sources = sorted({s.file_name for s in ds.virtual_sources()})
-        return f"virtual dataset, data mapped from {', '.join(sources)}"
+        return f"virtual dataset, data mapped from {', '.join(sources)} (not followed)"
     if ds.external:
-        return f"external storage in {', '.join(sorted({str(name) for name, _, _ in ds.external}))}"
+        return f"external storage in {', '.join(sorted({str(name) for name, _, _ in ds.external}))} (not followed)"
     if ds.chunks is None:
         return "contiguous"
     compression = "uncompressed" if ds.compression is None else f"{ds.compression}({ds.compression_opts})"
@@ -62,15 +62,19 @@ def _describe(group: h5py.Group, labels_key: str, depth: int, lines: list[str]) 
             lines.extend(f"{pad}  {line}" for line in _attrs(node))
             _describe(node, labels_key, depth + 1, lines)
             continue
+        if node.is_virtual:  # its shape can depend on the source files, which would have to be opened
+            lines.append(f"{pad}{name}: {node.dtype}, {_storage(node)}")
+            lines.extend(f"{pad}  {line}" for line in _attrs(node))
+            continue
         lines.append(f"{pad}{name}: shape {node.shape}, {node.dtype}, {_storage(node)}")
         lines.extend(f"{pad}  {line}" for line in _attrs(node))
-        readable = not node.is_virtual and not node.external
-        if name == labels_key and node.ndim == 1 and node.dtype.kind in "iu" and readable:
+        if name == labels_key and node.ndim == 1 and node.dtype.kind in "iu" and not node.external:
             lines.extend(f"{pad}  {line}" for line in _histogram(node))
 
 
 def inspect_h5(path: str | os.PathLike, *, labels_key: str = "labels") -> str:
-    """The summary as text. Links and virtual datasets pointing at other files are reported, not followed."""
+    """The summary as text. Links are reported, never followed; external storage and virtual datasets are
+    described from this file's metadata, so no other file is opened."""
     with open_existing(path, "/") as f:
         lines = [f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB"]
         lines.extend(f"  {line}" for line in _attrs(f))

@@ -105,7 +105,7 @@ def _transforms(cfg: DataConfig, split: SplitInfo) -> tuple[Optional[Transform],
     if sample_transform is None and batch_transform is None:
         return None, None
     with open_h5(split.path) as f:
-        probe = to_nchw(torch.from_numpy(f[split.images_path][:min(2, split.length)]), split.layout)
+        probe = to_nchw(torch.from_numpy(split.dataset(f, "images")[:min(2, split.length)]), split.layout)
     source = f"{split.path}: '{split.images_path}'"
     if sample_transform is not None:
         probe = torch.stack([check_transform(sample_transform, image, key="data.sample_transforms",

@@ -18,13 +18,14 @@ import h5py
 import numpy as np
 
 from ddp_kit.data.errors import DataError
-from ddp_kit.data.hdf5 import LAYOUTS, rows_for_bytes
+from ddp_kit.data.hdf5 import LAYOUTS, resolve_path, rows_for_bytes
 from ddp_kit.files import atomic_path
 
 COMPRESSIONS = (None, "gzip", "lzf")
 # Streaming writers fill compressed chunks over several calls; a chunk evicted half-written would be
 # compressed, then decompressed and recompressed on the next write. 64 MiB keeps partial chunks cached.
 WRITE_CACHE_BYTES = 64 << 20
+WRITE_OUTSIDE_HINT = "splits are written into this file only: remove the link or write the split to another group"
 
 
 class SplitWriter:
@@ -43,7 +44,10 @@ class SplitWriter:
             raise DataError(f"{f.filename}: compression {compression!r} is not one of none, gzip, lzf")
         if length < 1:
             raise DataError(f"{f.filename}: split '{group or '/'}' would be empty; it needs at least one image")
-        node = f.require_group(group) if group else f
+        steps = [(part, "the split's group") for part in group.split("/") if part]
+        node, _ = resolve_path(f, steps, allow_external=False, external_hint=WRITE_OUTSIDE_HINT, create_groups=True)
+        if not isinstance(node, h5py.Group):
+            raise DataError(f"{f.filename}: '{node.name}' is a dataset, not a group; write the split to another group")
         for key in ("images", "labels"):
             if key in node:
                 raise DataError(f"{f.filename}: '{node.name.rstrip('/')}/{key}' already exists; write the split "
