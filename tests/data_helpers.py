@@ -45,14 +45,23 @@ def loaders(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, batch_size: 
                              in_channels=in_channels, stats_rows=stats_rows)
 
 
-def refused(cfg: DataConfig, *fragments: str, **loader_kwargs) -> str:
-    """`prepare_data` (or, given `loaders` arguments, `loaders`) raises a DataError whose message contains
-    every fragment (file, key, remedy); returns the message."""
-    with pytest.raises(DataError) as error:
-        if loader_kwargs:
-            loaders(cfg, **loader_kwargs)
-        else:
+def refused(cfg: DataConfig, *fragments: str, only_when_loading: bool = False, **loader_kwargs) -> str:
+    """Both entry points refuse `cfg` with a DataError whose message contains every fragment (file, key,
+    remedy): `prepare_data`, which every process runs before training, and `build_dataloaders` (`loaders`,
+    with `loader_kwargs`). With `only_when_loading`, a refusal that needs the model's settings: prepare_data
+    must accept the data and build_dataloaders refuse it. Returns build_dataloaders' message."""
+    if only_when_loading:
+        prepare_data(cfg)
+    else:
+        with pytest.raises(DataError) as error:
             prepare_data(cfg)
-    for fragment in fragments:
-        assert fragment in str(error.value), f"{fragment!r} not in: {error.value}"
+        _contains(error.value, fragments)
+    with pytest.raises(DataError) as error:
+        loaders(cfg, **loader_kwargs)
+    _contains(error.value, fragments)
     return str(error.value)
+
+
+def _contains(error: Exception, fragments: tuple[str, ...]) -> None:
+    for fragment in fragments:
+        assert fragment in str(error), f"{fragment!r} not in: {error}"

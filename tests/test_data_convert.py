@@ -1,6 +1,11 @@
 """Writing and converting: write_h5, the npz / image-folder / digits converters, inspection and the CLI."""
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import h5py
 import numpy as np
@@ -69,7 +74,30 @@ def test_npz_converter_shuffles_rows_keeps_pairs_and_guesses_layout(tmp_path):
     np.testing.assert_array_equal(stored(tmp_path / "d.h5", "train")[0], x_test)
 
 
-def test_interrupted_conversion_leaves_no_file(tmp_path):
+def test_conversion_killed_mid_write_leaves_no_file_at_the_destination(tmp_path):
+    # gzip at its highest level: the write takes seconds, long enough to be caught with data on disk.
+    images = np.random.default_rng(0).integers(0, 256, size=(6000, 3, 32, 32), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", images=images, labels=np.zeros(6000, np.int64))
+    command = [sys.executable, "-c", "import sys; from ddp_kit.data import convert_npz; "
+               "convert_npz(sys.argv[1], sys.argv[2], compression='gzip')", str(tmp_path / "a.npz"),
+               str(tmp_path / "d.h5")]
+    process = subprocess.Popen(command, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 50
+        while not any(p.name.startswith(".d.h5.") and p.stat().st_size > 1 << 20 for p in tmp_path.iterdir()):
+            assert process.poll() is None and time.monotonic() < deadline, "the conversion ended before the kill"
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert not (tmp_path / "d.h5").exists(), "only the hidden temporary file may be left, never d.h5"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".d.h5.") and p.name.endswith(".tmp")]
+    convert_npz(tmp_path / "a.npz", tmp_path / "d.h5", shuffle_seed=None)  # a rerun writes the whole file
+    np.testing.assert_array_equal(stored(tmp_path / "d.h5", "train")[0], images)
+
+
+def test_failed_conversion_leaves_no_file(tmp_path):
     x, y = make_arrays(10)
     np.savez(tmp_path / "a.npz", images=x, labels=y)
     with pytest.raises(DataError, match=r"a.npz: no array 'val_images' for split 'val'.*images, labels"):

@@ -100,6 +100,18 @@ def test_batch_transforms_run_on_the_device_batch_before_normalization(tmp_path)
     assert outcomes == {"flipped", "kept"}
 
 
+def test_batch_transforms_see_the_unit_scaled_batch_not_the_normalized_one(tmp_path):
+    # Inversion does not commute with normalization (a flip would): 1 - x is only right before it.
+    images, _ = make_file(tmp_path / "d.h5", 40)["train"]
+    cfg = data_config(tmp_path / "d.h5", mean=[0.5], std=[0.25], batch_transforms=[{"RandomInvert": {"p": 1.0}}])
+    built = loaders(cfg)
+    for x, y, ids in built.train:
+        out, _ = to_device(x, y, CPU, cfg, train=True, batch_transform=built.batch_transform, augment_seed=0)
+        unit = torch.from_numpy(images[ids.numpy()]).float() / 255
+        torch.testing.assert_close(out, (1 - unit - 0.5) / 0.25, rtol=0, atol=1e-6)
+        assert not torch.allclose(out, 1 - (unit - 0.5) / 0.25, atol=0.1)
+
+
 @pytest.mark.parametrize("key, specs, fragment", [
     ("sample_transforms", [{"RandomHorizontalFlp": {}}],
      "data.sample_transforms[0]: 'RandomHorizontalFlp' is not a torchvision.transforms.v2 transform; did you mean "

@@ -78,7 +78,7 @@ def test_labels_outside_num_classes(tmp_path, bad):
         f["train/images"], f["train/labels"] = images, labels
         f["val/images"], f["val/labels"] = images, np.zeros(20, np.int64)
     message = refused(data_config(tmp_path / "d.h5"), str(tmp_path / "d.h5"), "'/train/labels'",
-                      "model.num_classes is 10", num_classes=10)
+                      "model.num_classes is 10", only_when_loading=True, num_classes=10)
     assert f"row 13 is {bad}" in message
     if bad == 10:
         assert loaders(data_config(tmp_path / "d.h5"), num_classes=11).train_size == 20
@@ -87,7 +87,7 @@ def test_labels_outside_num_classes(tmp_path, bad):
 def test_wrong_channels(tmp_path):
     make_file(tmp_path / "d.h5")
     refused(data_config(tmp_path / "d.h5"), str(tmp_path / "d.h5"), "'/train/images' has 3 channel(s)",
-            "model.in_channels is 1", in_channels=1)
+            "model.in_channels is 1", only_when_loading=True, in_channels=1)
 
 
 def test_wrong_channels_suggests_the_layout(tmp_path):
@@ -95,7 +95,7 @@ def test_wrong_channels_suggests_the_layout(tmp_path):
     with h5py.File(tmp_path / "d.h5", "w") as f:  # NHWC images without a layout attribute
         f["train/images"], f["train/labels"] = images, labels
         f["val/images"], f["val/labels"] = images, labels
-    refused(data_config(tmp_path / "d.h5"), "data.layout: NHWC", in_channels=3)
+    refused(data_config(tmp_path / "d.h5"), "data.layout: NHWC", only_when_loading=True, in_channels=3)
     assert loaders(data_config(tmp_path / "d.h5", layout="NHWC")).train_size == 8
 
 
@@ -103,7 +103,7 @@ def test_splits_with_different_image_sizes(tmp_path):
     write_h5(tmp_path / "d.h5", *make_arrays(8, (3, 4, 5)), group="train")
     write_h5(tmp_path / "d.h5", *make_arrays(8, (3, 5, 4)), group="val", append_group=True)
     refused(data_config(tmp_path / "d.h5"), "'/val/images' holds images of shape (3, 5, 4)", "(3, 4, 5)",
-            in_channels=3)
+            only_when_loading=True, in_channels=3)
 
 
 def test_layout_conflict(tmp_path):

@@ -16,7 +16,7 @@ from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
 from ddp_kit.config import CheckpointConfig, load_config
 from ddp_kit.models import build_model
 
-from conftest import tiny_overrides
+from conftest import make_classification_file, tiny_overrides
 from procs import REPO, run, train_command
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def test_two_process_epoch_writes_metrics_events_config_and_weights(tiny_h5, tmp
     assert record["epoch"] == 0 and record["step"] == 6
     for key in ("train_loss", "val_loss", "val_acc", "samples_per_s"):
         assert isinstance(record[key], float), key
-    assert 0.0 <= record["val_acc"] <= 1.0
+    assert record["val_acc"] >= 0.6  # 0.725 after this one epoch; chance is 0.25
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
@@ -63,22 +63,26 @@ def test_two_process_epoch_writes_metrics_events_config_and_weights(tiny_h5, tmp
     assert torch.equal(bare.state_dict()["head.weight"], state["model"]["head.weight"])
 
 
-def test_validation_accuracy_is_the_same_on_one_and_two_processes(tiny_h5, tmp_path):
-    # 40 validation rows over 2 ranks with batch 16: uneven batch counts per rank, nothing padded
-    overrides = tiny_overrides(tiny_h5, tmp_path, "val", **{"train.epochs": 1})
-    run(train_command(2, CONFIG, overrides), timeout=180)
+def test_validation_is_the_same_on_one_two_and_three_processes(tmp_path):
+    # 41 validation rows in batches of 5: shards of 20/21 and 13/14/14 rows, so ranks have different batch
+    # counts and short last batches, nothing padded
+    data = make_classification_file(tmp_path / "odd.h5", n_val=41)
+    overrides = tiny_overrides(data, tmp_path, "val", **{"train.epochs": 1, "train.val_batch_size": 5})
+    run(train_command(3, CONFIG, overrides), timeout=180)
     record = metrics(tmp_path / "val")[0]
     checkpoint = str(latest_checkpoint(tmp_path / "val"))
     results = []
-    for nproc in (1, 2):
+    for nproc in (1, 2, 3):
         command = train_command(nproc, CONFIG, overrides)
         command[command.index("train")] = "evaluate"
         command[command.index("--config"):command.index("--config")] = ["--checkpoint", checkpoint]
         out = run(command, timeout=180).stdout
         results.append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1]))
-    assert results[0]["world_size"] == 1 and results[1]["world_size"] == 2
-    assert results[0]["val_acc"] == results[1]["val_acc"] == record["val_acc"]
-    assert results[0]["val_loss"] == pytest.approx(record["val_loss"], rel=1e-6)
+    assert [r["world_size"] for r in results] == [1, 2, 3]
+    correct = [round(r["val_acc"] * 41) for r in results]
+    assert correct[0] == correct[1] == correct[2] == round(record["val_acc"] * 41) and 0 < correct[0] < 41
+    for r in results:  # float32 losses summed in another order per shard layout
+        assert r["val_loss"] == pytest.approx(record["val_loss"], rel=1e-6)
 
 
 def test_single_process_and_console_script(tiny_h5, tmp_path):

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from ddp_kit import distributed
 from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
-from ddp_kit.config import CheckpointConfig
+from ddp_kit.config import CheckpointConfig, load_config
+from ddp_kit.models import build_model
 from ddp_kit.data import write_h5
 
 from conftest import tiny_overrides
@@ -65,10 +67,13 @@ def _equivalence_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_accumulation_equals_a_larger_batch(tmp_path):
+    # Plain SGD: its update is proportional to the gradient, so a wrongly scaled accumulated gradient (a loss
+    # not divided by the window's length, or by the wrong one) shows at full size; AdamW would hide it.
     single, pair = _equivalence_files(tmp_path)
     common = {"model.name": "mlp", "model.num_classes": 3, "data.shuffle": "none", "data.mean": "[0.0]",
-              "data.std": "[1.0]", "train.epochs": 3, "optim.name": "adamw", "optim.lr": 0.01,
-              "optim.weight_decay": 0.01, "train.deterministic": "true"}
+              "data.std": "[1.0]", "train.epochs": 3, "optim.name": "sgd", "optim.momentum": 0.0,
+              "optim.nesterov": "false", "optim.weight_decay": 0.0, "optim.lr": 0.5, "schedule.name": "constant",
+              "train.deterministic": "true"}
     run(train_command(1, CONFIG, tiny_overrides(single, tmp_path, "one", **common, **{"train.batch_size": 32})))
     run(train_command(2, CONFIG, tiny_overrides(pair, tmp_path, "two", **common, **{
         "train.batch_size": 8, "train.accum_steps": 2})), timeout=180)
@@ -76,8 +81,11 @@ def test_accumulation_equals_a_larger_batch(tmp_path):
     assert one["step"] == two["step"] == 9  # 3 steps per epoch, the last one over 16 samples
     for key, value in one["model"].items():
         torch.testing.assert_close(two["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    initial_gap = max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"])
-    assert initial_gap < 1e-5
+    cfg = load_config(CONFIG, tiny_overrides(single, tmp_path, "one", **common))
+    distributed.seed_everything(cfg.run.seed)  # the initial weights, as train() builds them
+    initial = build_model(cfg.model, example_input_shape=(1, 4, 4)).state_dict()
+    moved = max((one["model"][k] - initial[k]).abs().max().item() for k in initial)
+    assert moved > 1e-2, "the weights moved by far more than the tolerance above"
 
 
 def test_sample_and_batch_transforms_reach_every_training_image(tiny_h5, tmp_path):
@@ -181,21 +189,23 @@ def test_swa_batchnorm_statistics_are_exact_for_any_batch_size_and_world_size(tm
     assert (reference["features.4.1.running_var"] - 1).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_amp_on_cpu(tiny_h5, tmp_path, dtype):
-    extra = {"amp.enabled": "true", "amp.dtype": dtype}
-    if dtype == "fp16":
-        extra["amp.init_scale"] = 2.0 ** 40  # overflows fp16 at first: the scaler must skip and back off
-    run(train_command(1, CONFIG, tiny_overrides(tiny_h5, tmp_path, dtype, **extra)))
-    final = final_state(tmp_path / dtype)
-    assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
-    records = metrics(tmp_path / dtype)
-    assert records[-1]["val_acc"] is not None
-    if dtype == "fp16":
-        assert final["scaler"] is not None and final["scaler"]["scale"] < 2.0 ** 40
-        assert records[-1]["skipped_scaler_steps"] >= 1
-    else:
-        assert final["scaler"] is None and records[-1]["skipped_scaler_steps"] == 0
+def test_amp_on_cpu(tiny_h5, tmp_path):
+    runs = {"fp32": {}, "bf16": {"amp.enabled": "true", "amp.dtype": "bf16"},
+            # overflows fp16 at first: the scaler must skip and back off
+            "fp16": {"amp.enabled": "true", "amp.dtype": "fp16", "amp.init_scale": 2.0 ** 24}}
+    for name, extra in runs.items():
+        run([sys.executable, str(SCRIPTS / "output_dtypes.py"), str(CONFIG),
+             *tiny_overrides(tiny_h5, tmp_path, name, **extra)])
+    dtypes = {name: json.loads((tmp_path / name / "output_dtypes.json").read_text()) for name in runs}
+    assert dtypes == {"fp32": ["torch.float32"], "bf16": ["torch.bfloat16"], "fp16": ["torch.float16"]}
+    final = {name: final_state(tmp_path / name) for name in runs}
+    for name in ("bf16", "fp16"):
+        assert all(torch.isfinite(v).all() for v in final[name]["model"].values() if v.is_floating_point())
+        assert any(not torch.equal(v, final["fp32"]["model"][k]) for k, v in final[name]["model"].items()), name
+        assert metrics(tmp_path / name)[-1]["val_acc"] >= 0.9  # learns as fp32 does (1.0 here); chance is 0.25
+    assert final["fp16"]["scaler"] is not None and final["fp16"]["scaler"]["scale"] < 2.0 ** 24
+    assert metrics(tmp_path / "fp16")[-1]["skipped_scaler_steps"] >= 1
+    assert final["bf16"]["scaler"] is None and metrics(tmp_path / "bf16")[-1]["skipped_scaler_steps"] == 0
 
 
 def _file_with_nan(tmp_path: Path, bad_row: int) -> Path:
@@ -272,4 +282,4 @@ def test_compile_in_two_processes_keeps_checkpoints_clean(tiny_h5, tmp_path):
     state = final_state(tmp_path / "compiled")
     assert state["step"] == 6
     assert not any("_orig_mod" in k or k.startswith("module.") for k in state["model"])
-    assert metrics(tmp_path / "compiled")[-1]["val_acc"] is not None
+    assert metrics(tmp_path / "compiled")[-1]["val_acc"] >= 0.9  # as without compile (1.0); chance is 0.25
