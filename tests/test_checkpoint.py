@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import pickle
@@ -21,8 +20,10 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel
 
-from ddp_kit.checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, export_weights, load_checkpoint,
-                                load_weights, model_state_dict, register_cli, restore_rng_state, save_atomic)
+from ddp_kit.checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, load_checkpoint,
+                                restore_rng_state, save_atomic)
+from ddp_kit.weights import export_weights, load_weights, model_state_dict
+from ddp_kit.cli import build_parser
 from ddp_kit.config import CheckpointConfig, Config, to_dict
 
 SUBPROCESS_TIMEOUT_S = 120
@@ -466,8 +467,7 @@ def test_export_drops_averaging_bookkeeping(tmp_path):
 def test_export_cli(tmp_path, capsys):
     state, _ = realistic_state()
     save_atomic(state, tmp_path / "ckpt.pt")
-    parser = argparse.ArgumentParser(prog="ddp-kit")
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     for extra, name, expected in [([], "model.pt", state["model"]), (["--swa"], "swa.pt", state["swa_model"])]:
         args = parser.parse_args(["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / name), *extra])
         assert args.func(args) == 0

@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 
-from ddp_kit.checkpoint import CheckpointError, load_weights, model_state_dict, save_atomic, unwrap_model
+from ddp_kit.checkpoint import CheckpointError, save_atomic
+from ddp_kit.weights import load_weights, model_state_dict, unwrap_model
 
 
 @pytest.fixture(scope="module", autouse=True)

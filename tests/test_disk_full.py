@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from ddp_kit.checkpoint import CheckpointManager, export_weights, load_checkpoint, save_atomic
+from ddp_kit.checkpoint import CheckpointManager, load_checkpoint, save_atomic
 from ddp_kit.config import CheckpointConfig
 from ddp_kit.data import write_h5
 from ddp_kit.files import TEMP_NAME, WriteError
 from ddp_kit.logging import RunLogger
+from ddp_kit.weights import export_weights
 
 from conftest import tiny_overrides
 from procs import REPO, run, train_command

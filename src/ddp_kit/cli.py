@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -38,8 +39,15 @@ def _verify_resume(args: argparse.Namespace) -> int:
                               timeout_s=args.timeout) else 1
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .weights import export_weights
+
+    print(f"wrote {export_weights(args.checkpoint, args.out, swa=args.swa)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import checkpoint, data, launch
+    from . import data, launch
 
     parser = argparse.ArgumentParser(prog="ddp-kit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -71,7 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_verify_resume)
 
     data.register_cli(commands)
-    checkpoint.register_cli(commands)
+    export = commands.add_parser(
+        "export", help="write a checkpoint's model weights as a plain state_dict file",
+        description="Write the model (or SWA model) weights of a ddp_kit checkpoint as a plain state_dict file: "
+                    "model.load_state_dict(torch.load(OUT, weights_only=True)) loads it without ddp_kit.")
+    export.add_argument("checkpoint", type=Path, metavar="CKPT",
+                        help="checkpoint file, e.g. runs/NAME/checkpoints/ckpt_step000001000.pt")
+    export.add_argument("--out", type=Path, required=True, help="file to write, e.g. model.pt")
+    export.add_argument("--swa", action="store_true", help="export the SWA (averaged) model instead")
+    export.set_defaults(func=_export)
+
     launch.register_cli(commands)
     return parser
 

@@ -23,13 +23,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import SWALR, AveragedModel
 
 from . import __version__, data, distributed, models
-from .checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, export_weights, load_checkpoint,
-                         load_weights, model_state_dict, restore_rng_state)
+from .checkpoint import CheckpointError, CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from .config import Config, save_config, step_counts, swa_start_epoch, to_dict
 from .distributed import Runtime
 from .files import WriteError
 from .logging import RunLogger, Throughput
 from .optim import build_optimizer, build_scheduler
+from .weights import export_weights, load_weights, model_state_dict
 from .preemption import StopSignals, clear_requeue_marker, write_requeue_marker
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -455,7 +455,7 @@ def _check_resumable(state: dict, cfg: Config, rt: Runtime, path: Path) -> None:
         raise ResumeError(
             f"cannot resume exactly from {path}: {differ}. The sample order and the optimizer-step count both "
             f"depend on these. Resume with the same values, or start a new run (another run.name or "
-            f"train.resume=never) and load only the weights (`ddp-kit export` then ddp_kit.checkpoint.load_weights)")
+            f"train.resume=never) and load only the weights (`ddp-kit export` then ddp_kit.load_weights)")
     if state["batches_in_epoch"]:
         saved, current = ({f"{section}.{key}": config[section][key] for section, key in SAMPLE_ORDER_SETTINGS}
                           for config in (state["config"], to_dict(cfg)))
