@@ -28,6 +28,46 @@ def test_unknown_model_suggests():
         build_model(ModelConfig(name="resnet_18"))
 
 
+USER_MODELS = """
+import torch
+from torch import nn
+
+class TwoHeads(nn.Module):
+    def __init__(self, width, outputs=2):
+        super().__init__()
+        self.body = nn.Linear(4, width)
+        self.heads = nn.ModuleDict({"a": nn.Linear(width, outputs), "b": nn.Linear(width, 1)})
+
+    def forward(self, x):
+        h = self.body(x)
+        return {name: head(h) for name, head in self.heads.items()}
+
+def not_a_module():
+    return 3
+"""
+
+
+def test_user_model_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "user_nets.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model(ModelConfig(name="user_nets:TwoHeads", kwargs={"width": 8, "outputs": 3}))
+    out = model(torch.zeros(5, 4))
+    assert out["a"].shape == (5, 3) and out["b"].shape == (5, 1)
+    cases = [("user_nets:TwoHead", {"width": 8}, "user_nets has no attribute 'TwoHead'; did you mean 'TwoHeads'?"),
+             ("no_such_pkg.nets:Net", {}, "no module named 'no_such_pkg'"),
+             ("user_nets:TwoHeads", {"wdth": 8}, "model.kwargs={'wdth': 8} does not fit user_nets:TwoHeads"),
+             ("user_nets:TwoHeads", {}, "missing a required argument: 'width'"),
+             ("user_nets:", {}, "an import path is written 'package.module:attribute'"),
+             ("small_cnn", {"depth": 3}, "model.kwargs={'in_channels': 1, 'num_classes': 10, 'depth': 3} does not "
+                                         "fit small_cnn"),
+             ("user_nets:not_a_module", {}, "returned a int, not a torch.nn.Module")]
+    for name, kwargs, fragment in cases:
+        with pytest.raises(ConfigError) as error:
+            build_model(ModelConfig(name=name, kwargs=kwargs))
+        assert fragment in str(error.value), (name, str(error.value))
+    assert build_model(ModelConfig(name="small_cnn", kwargs={"width": 4})).head.in_features == 16
+
+
 def test_no_weight_decay_on_biases_and_norms():
     model = build_model(ModelConfig(name="small_cnn"))
     decay, no_decay = param_groups(model, 0.1)

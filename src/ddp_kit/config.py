@@ -87,9 +87,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "small_cnn"  # small_cnn, or any torchvision classification model name (e.g. resnet18)
-    num_classes: int = 10
-    in_channels: int = 1
+    # small_cnn, mlp, any torchvision classification model (e.g. resnet18), or your own as an import path
+    # "package.module:Class" (any callable returning an nn.Module), called with `kwargs`
+    name: str = "small_cnn"
+    kwargs: dict = field(default_factory=dict)  # keyword arguments of the model's constructor
+    num_classes: int = 10  # built-in and torchvision models only (yours take theirs in kwargs)
+    in_channels: int = 1  # built-in and torchvision models only
     channels_last: bool = False  # memory format for convolutional nets (faster with AMP on GPUs)
 
 

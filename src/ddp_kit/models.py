@@ -1,13 +1,15 @@
-"""Models by name: two small built-ins for the demo and tests, and every torchvision classification model."""
+"""Models by name: two small built-ins for the demo and tests, every torchvision classification model, and the\nuser's own by import path."""
 
 from __future__ import annotations
 
-import difflib
+import functools
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, did_you_mean
+from .plugins import check_call, import_object, is_import_path
 
 
 class SmallCNN(nn.Module):
@@ -66,25 +68,51 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     raise ConfigError(f"model has no Conv2d to adapt to model.in_channels={in_channels}")
 
 
+def model_factory(cfg: ModelConfig) -> Callable[[], nn.Module]:
+    """A function building `cfg.name` afresh, checked now: the name resolves and `cfg.kwargs` fits its signature
+    (before any process group starts; the model itself is built later, after seeding, on every rank)."""
+    if is_import_path(cfg.name):
+        factory = import_object(cfg.name, "model.name")
+        check_call(factory, cfg.kwargs, "model.kwargs", cfg.name)
+        return functools.partial(_user_model, factory, cfg.name, cfg.kwargs)
+    if cfg.name in BUILTIN_MODELS:
+        factory = BUILTIN_MODELS[cfg.name]
+        check_call(factory, {"in_channels": cfg.in_channels, "num_classes": cfg.num_classes, **cfg.kwargs},
+                   "model.kwargs", cfg.name)
+        return functools.partial(factory, cfg.in_channels, cfg.num_classes, **cfg.kwargs)
+    names = _torchvision_model_names()
+    if cfg.name not in names:
+        raise ConfigError(f"model.name={cfg.name!r} is unknown: {did_you_mean(cfg.name, list(BUILTIN_MODELS) + names)}"
+                          f"use small_cnn, mlp, a torchvision classification model (torchvision.models.list_models()) "
+                          f"or your own as 'package.module:Class'")
+    return functools.partial(_torchvision_model, cfg.name, cfg.num_classes, cfg.in_channels, cfg.kwargs)
+
+
+def _user_model(factory: Callable, name: str, kwargs: dict) -> nn.Module:
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name={name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _torchvision_model(name: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model.kwargs={kwargs!r} do not fit torchvision's {name}: {exc}") from None
+    if in_channels != 3:
+        _adapt_first_conv(model, in_channels)
+    return model
+
+
 def build_model(cfg: ModelConfig, example_input_shape: tuple[int, ...] | None = None) -> nn.Module:
-    """Build `cfg.name` with `cfg.num_classes` outputs and `cfg.in_channels` inputs, randomly initialized.
+    """Build `cfg.name` (see `model_factory`), randomly initialized.
 
     `example_input_shape` (C, H, W) materializes lazily-sized layers, so every rank holds real parameters before
     DDP broadcasts them."""
-    if cfg.name in BUILTIN_MODELS:
-        model = BUILTIN_MODELS[cfg.name](cfg.in_channels, cfg.num_classes)
-    else:
-        names = _torchvision_model_names()
-        if cfg.name not in names:
-            close = difflib.get_close_matches(cfg.name, list(BUILTIN_MODELS) + names, n=3)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise ConfigError(f"model.name={cfg.name!r} is unknown: {hint}use small_cnn, mlp or a torchvision "
-                              f"classification model (torchvision.models.list_models())")
-        import torchvision
-
-        model = torchvision.models.get_model(cfg.name, weights=None, num_classes=cfg.num_classes)
-        if cfg.in_channels != 3:
-            _adapt_first_conv(model, cfg.in_channels)
+    model = model_factory(cfg)()
     if example_input_shape is not None and any(
             isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in model.modules()):
         with torch.no_grad():
