@@ -1,4 +1,4 @@
-"""Cost of the SWA model's exact BatchNorm recompute (ddp_kit.train.recompute_bn_statistics) on ResNet-50,
+"""Cost of the SWA model's exact BatchNorm recompute (ddp_kit.averaging.recompute_bn_statistics) on ResNet-50,
 side by side with torch.optim.swa_utils.update_bn and with one plain eval forward over the same data, in
 one process on this machine; and how far update_bn's statistics are from the exact ones.
 
@@ -23,7 +23,7 @@ from torch.optim.swa_utils import update_bn
 from ddp_kit import distributed
 from ddp_kit.config import Config, DistributedConfig, ModelConfig
 from ddp_kit.models import build_model
-from ddp_kit.train import recompute_bn_statistics
+from ddp_kit.averaging import recompute_bn_statistics
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
 
         model.load_state_dict(initial)
         start = time.perf_counter()
-        recompute_bn_statistics(model, batches, rt, cfg)
+        recompute_bn_statistics(model, lambda: [((x.float() / 255 - 0.5) / 0.5,) for x, _, _ in batches], rt)
         exact_s = time.perf_counter() - start
         exact = {k: v for k, v in model.state_dict().items() if "running_var" in k}
 

@@ -210,7 +210,8 @@ def test_wrong_values_are_still_refused(tmp_path, load, key, text, fragment):
 
 def test_free_form_entries_get_yaml_values_with_exponent_numbers(tmp_path):
     entry = "[{RandomResizedCrop: {size: 32, scale: [6e-1, 1e0], antialias: on, interpolation: '2e1'}}]"
-    for cfg in (as_override(tmp_path, "data.sample_transforms", entry), as_file(tmp_path, "data.sample_transforms", entry)):
+    key = "data.sample_transforms"
+    for cfg in (as_override(tmp_path, key, entry), as_file(tmp_path, key, entry)):
         arguments = cfg.data.sample_transforms[0]["RandomResizedCrop"]
         assert arguments == {"size": 32, "scale": [0.6, 1.0], "antialias": True, "interpolation": "2e1"}
         assert [type(x) for x in arguments["scale"]] == [float, float]

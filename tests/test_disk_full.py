@@ -98,10 +98,12 @@ def test_exported_weights_metrics_and_converted_data_fail_with_the_same_error(sm
     source = tmp_path / "ckpt.pt"
     save_atomic({"model": {"w": torch.zeros(2**18)}}, source)
     fs = small_fs(512)
-    with pytest.raises(WriteError, match=re.escape(f"could not write {fs.root / 'model.pt'}: {FULL}; it needs about 1.0 MB")):
+    expected = f"could not write {fs.root / 'model.pt'}: {FULL}; it needs about 1.0 MB"
+    with pytest.raises(WriteError, match=re.escape(expected)):
         export_weights(source, fs.root / "model.pt")
     images = np.zeros((64, 3, 64, 64), dtype=np.uint8)  # 786 kB
-    with pytest.raises(WriteError, match=re.escape(f"could not write {fs.root / 'data.h5'}: {FULL}; it needs about 786.4 kB")):
+    expected = f"could not write {fs.root / 'data.h5'}: {FULL}; it needs about 786.4 kB"
+    with pytest.raises(WriteError, match=re.escape(expected)):
         write_h5(fs.root / "data.h5", images, np.zeros(64, dtype=np.int64))
     assert not (fs.root / "model.pt").exists() and not (fs.root / "data.h5").exists() and fs.temp_files() == []
     logger = RunLogger(fs.root, enabled=True, total_steps=1)
@@ -124,8 +126,8 @@ def test_a_full_disk_mid_run_stops_every_rank_clearly_and_a_rerun_resumes_exactl
     rank0 = next(line for line in out.stdout.splitlines() if line.startswith("ddp-kit: error: could not write"))
     assert rank0.startswith(f"ddp-kit: error: could not write {failed}: not enough free space, so nothing was "
                             f"written; it needs about 791") and f"{fs.root} (the file system holding it) has" in rank0
-    assert rank0.endswith(f"free. The newest intact checkpoint is {intact}, so nothing saved before was lost. Free space "
-                          "and rerun the same command to resume")
+    assert rank0.endswith(f"free. The newest intact checkpoint is {intact}, so nothing saved before was lost. "
+                          "Free space and rerun the same command to resume")
     rank1 = [line for line in out.stdout.splitlines() if "rank 0 failed, so rank 1 stops too" in line]
     assert len(rank1) == 1 and f"WriteError: could not write {failed}" in rank1[0]
     workers = out.stdout.split("failed (exitcode: 1)")[0]  # torchrun's own report of failed workers follows

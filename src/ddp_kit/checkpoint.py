@@ -20,14 +20,18 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import distributed
 from .config import CheckpointConfig
-from .files import TEMP_NAME, atomic_write, atomic_write_text, require_free_space, write_errors
+from .distributed import Runtime
+from .files import TEMP_NAME, WriteError, atomic_write, atomic_write_text, require_free_space, write_errors
+
+T = TypeVar("T")
 
 __all__ = [
     "CheckpointError", "CheckpointManager", "capture_rng_state", "load_checkpoint", "restore_rng_state",
@@ -239,6 +243,15 @@ class CheckpointManager:
         atomic_write_text(self.directory / LAST_POINTER, path.name + "\n")
         self._retire_old_checkpoints()
         return path
+
+    def write_on_rank0(self, action: Callable[[], T], rt: Runtime) -> Optional[T]:
+        """`action` (a save, or any other write of the run's rank 0: run directory, metrics, marker, exports) on
+        rank 0 alone, every rank learning how it ended (`distributed.on_main_rank`); a failed write also says
+        which checkpoint is intact and what to do."""
+        try:
+            return distributed.on_main_rank(action, rt)
+        except WriteError as exc:
+            raise WriteError(f"{exc}. {self.resume_note()}") from None
 
     def resume_note(self) -> str:
         """What a failed write leaves behind and what to do, for the error message of a run that must stop."""

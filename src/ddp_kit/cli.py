@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .distributed import PeerFailed
     from .files import WriteError
-    from .train import NonFiniteLossError, ResumeError
+    from .state import ResumeError
+    from .train import NonFiniteLossError
     from .verify import VerifyError
 
     try:

@@ -500,8 +500,8 @@ def validate(cfg: Config) -> None:
     _require(w.anneal_epochs >= 0, "swa.anneal_epochs", w.anneal_epochs, "must be >= 0")
     _require(w.bn_rows is None or w.bn_rows >= 1, "swa.bn_rows", w.bn_rows, "must be >= 1 or null (every row)")
     if w.enabled:
-        _require(swa_start_epoch(cfg) < t.epochs, "swa.start", w.start,
-                 f"starts at epoch {swa_start_epoch(cfg)}, after the last epoch ({t.epochs - 1})")
+        _require(swa_start_epoch(w, t.epochs) < t.epochs, "swa.start", w.start,
+                 f"starts at epoch {swa_start_epoch(w, t.epochs)}, after the last epoch ({t.epochs - 1})")
     _require(not (cfg.distributed.static_graph and t.accum_steps > 1), "distributed.static_graph", True,
              "cannot be combined with train.accum_steps > 1: DDP's static graph fails when the first iteration runs "
              "under no_sync(); set one of them back")
@@ -524,11 +524,10 @@ def validate(cfg: Config) -> None:
              "preemption.requeue_marker", cfg.preemption.requeue_marker, "must be a plain file name")
 
 
-def swa_start_epoch(cfg: Config) -> int:
+def swa_start_epoch(swa: SwaConfig, epochs: int) -> int:
     """First epoch (0-based) whose end is averaged into the SWA model: `start` itself if >= 1, else that
     fraction of the run (0.75 of 10 epochs: epochs 7, 8, 9 are averaged)."""
-    start = cfg.swa.start
-    return int(start) if start >= 1 else int(start * cfg.train.epochs)
+    return int(swa.start) if swa.start >= 1 else int(swa.start * epochs)
 
 
 @dataclass(frozen=True)

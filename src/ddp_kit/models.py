@@ -1,4 +1,5 @@
-"""Models by name: two small built-ins for the demo and tests, every torchvision classification model, and the\nuser's own by import path."""
+"""Models by name: two small built-ins for the demo and tests, every torchvision classification model, and the
+user's own by import path."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 from ddp_kit import distributed
 from ddp_kit.config import Config, DistributedConfig, ModelConfig
 from ddp_kit.models import build_model
-from ddp_kit.train import recompute_bn_statistics
+from ddp_kit.averaging import recompute_bn_statistics
 
 ROWS = 100
 
@@ -32,9 +32,9 @@ if __name__ == "__main__":
     with distributed.process_group(cfg.distributed) as rt:
         start, stop = rt.rank * ROWS // rt.world_size, (rt.rank + 1) * ROWS // rt.world_size
         for batch in batches:
-            shard = [(data[i:min(i + batch, stop)], torch.zeros(0), torch.zeros(0)) for i in range(start, stop, batch)]
+            shard = [((data[i:min(i + batch, stop)].float() / 255 - 0.5) / 0.5,) for i in range(start, stop, batch)]
             net = model()
-            recompute_bn_statistics(net, shard, rt, cfg)
+            recompute_bn_statistics(net, lambda: shard, rt)
             results[batch] = {k: v for k, v in net.state_dict().items() if "running" in k}
         if rt.is_main:
             torch.save(results, out)
