@@ -6,22 +6,23 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ddp_kit import launch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def torchrun_command(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    """torchrun --standalone with `nproc` processes of `args` (a script and its arguments, or -m module ...)."""
+    return launch.torchrun_command(nproc, list(args))
 
 
 def train_command(nproc: int, config: str | Path, overrides: list[str]) -> list[str]:
     """`ddp-kit train` with `nproc` processes (torchrun) or a single plain process."""
-    args = ["-m", "ddp_kit.cli", "train", "--config", str(config), *overrides]
-    return torchrun_command(nproc, *args) if nproc > 1 else [sys.executable, *args]
+    return launch.train_command(config, overrides, nproc_per_node=nproc)
 
 
 def run(command: list[str], *, timeout: float = 180, env: dict | None = None, check: bool = True,

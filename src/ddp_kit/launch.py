@@ -20,23 +20,33 @@ import sys
 RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
-def torchrun_command(args: argparse.Namespace) -> list[str]:
+def torchrun_command(nproc_per_node: int, target: list[str], *, nnodes: int = 1, rdzv_endpoint: str | None = None,
+                     rdzv_id: str = "ddp_kit", max_restarts: int = 0) -> list[str]:
+    """`python -m torch.distributed.run ... TARGET`, TARGET being `-m module args...` or `script args...`: on one
+    machine with --standalone, on several with a c10d rendezvous at `rdzv_endpoint`."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
-    if args.nnodes == 1 and args.rdzv_endpoint is None:
+    if nnodes == 1 and rdzv_endpoint is None:
         cmd.append("--standalone")
     else:
-        if args.rdzv_endpoint is None:
+        if rdzv_endpoint is None:
             raise SystemExit("ddp-kit launch: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (a host every node "
                              "reaches; the same on every node) and --rdzv-id")
-        cmd += [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
-                f"--rdzv-id={args.rdzv_id}"]
-    cmd += [f"--nproc-per-node={args.nproc_per_node}", f"--max-restarts={args.max_restarts}",
-            "-m", "ddp_kit.cli", "train", "--config", args.config, *args.overrides]
-    return cmd
+        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+    return [*cmd, f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}", *target]
+
+
+def train_command(config: str | os.PathLike, overrides: list[str], *, nproc_per_node: int = 1, **torchrun) -> list[str]:
+    """`ddp-kit train --config CONFIG OVERRIDES...` under torchrun (`torchrun_command`'s options), or as one
+    plain process when that is all it asks for."""
+    train = ["-m", "ddp_kit.cli", "train", "--config", str(config), *overrides]
+    if nproc_per_node == 1 and not torchrun:
+        return [sys.executable, *train]
+    return torchrun_command(nproc_per_node, train, **torchrun)
 
 
 def _launch(args: argparse.Namespace) -> int:
-    cmd = torchrun_command(args)
+    cmd = train_command(args.config, args.overrides, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
+                        rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id, max_restarts=args.max_restarts)
     env = {**os.environ, **RESTART_ENV}
     shown = " ".join(f"{k}={v}" for k, v in RESTART_ENV.items()) + " " + shlex.join(cmd)
     if args.dry_run:

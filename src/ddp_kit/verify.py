@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ import torch
 from . import data
 from .checkpoint import CheckpointManager, load_checkpoint
 from .config import Config, load_config, step_counts
+from .launch import train_command
 
 
 class VerifyError(ValueError):
@@ -23,14 +23,6 @@ def default_nproc(cfg: Config) -> int:
     """Processes per run when --nproc is not given: what `torchrun --nproc_per_node=gpu` starts on this machine,
     one per visible CUDA device, or 1 without CUDA or with distributed.device: cpu."""
     return 1 if cfg.distributed.device == "cpu" else max(1, torch.cuda.device_count())
-
-
-def train_command(config: str | Path, overrides: list[str], nproc: int) -> list[str]:
-    """The command line that trains `config` with `nproc` processes on this machine."""
-    if nproc == 1:
-        return [sys.executable, "-m", "ddp_kit.cli", "train", "--config", str(config), *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "ddp_kit.cli", "train", "--config", str(config), *overrides]
 
 
 def _run(command: list[str], timeout_s: float) -> None:
@@ -101,14 +93,15 @@ def verify_resume(config: str | Path, overrides: list[str], *, nproc: int | None
           f"after step {stop_after}", flush=True)
 
     full = [*overrides, f"run.name={base.run.name}-verify-full", "train.resume=never"]
-    _run(train_command(config, full, nproc), timeout_s)
+    _run(train_command(config, full, nproc_per_node=nproc), timeout_s)
     full_state = _final_state(config, full)
     if full_state["step"] != final_step:
         raise RuntimeError(f"the uninterrupted run ended at step {full_state['step']}, not at the {final_step} "
                            "its config and data give; see its log")
     resumed = [*overrides, f"run.name={base.run.name}-verify-resumed"]
-    _run(train_command(config, [*resumed, "train.resume=never", f"train.max_steps={stop_after}"], nproc), timeout_s)
-    _run(train_command(config, [*resumed, "train.resume=auto"], nproc), timeout_s)
+    _run(train_command(config, [*resumed, "train.resume=never", f"train.max_steps={stop_after}"],
+                       nproc_per_node=nproc), timeout_s)
+    _run(train_command(config, [*resumed, "train.resume=auto"], nproc_per_node=nproc), timeout_s)
     resumed_state = _final_state(config, resumed)
     differences = compare_states(full_state, resumed_state)
     report = {"stopped_at_step": stop_after, "final_step": full_state["step"], "nproc": nproc,
