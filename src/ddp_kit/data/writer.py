@@ -19,7 +19,7 @@ import numpy as np
 
 from ddp_kit.data.errors import DataError
 from ddp_kit.data.hdf5 import LAYOUTS, resolve_path, rows_for_bytes
-from ddp_kit.files import atomic_path
+from ddp_kit.files import atomic_path, require_free_space
 
 COMPRESSIONS = (None, "gzip", "lzf")
 # Streaming writers fill compressed chunks over several calls; a chunk evicted half-written would be
@@ -111,7 +111,13 @@ def atomic_h5(path: str | os.PathLike, *, append: bool = False, needed_bytes: Op
 
     With `append` the existing file is copied first (its groups are kept); for a large file that copy is
     the price of atomicity, so one file per split (data.val_path) is cheaper to build incrementally.
+
+    Free space is checked before writing, as far as `needed_bytes` says: HDF5 cannot close a file whose write
+    failed for lack of space, and the process then crashes at exit (segmentation fault) after the error.
     """
+    if needed_bytes:
+        copied = Path(path).stat().st_size if append and Path(path).is_file() else 0
+        require_free_space(path, needed_bytes + copied)
     with atomic_path(path, needed_bytes) as tmp:
         if append and Path(path).is_file():
             shutil.copyfile(path, tmp)
