@@ -80,7 +80,7 @@ class Objective(Protocol):
         """The training loss: a scalar tensor (mean over the batch), from the model's output and the batch."""
 
     def evaluate(self, output: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Validation sums over this batch: tensors of fixed shapes, float64 or integer."""
+        """Validation sums over this batch: tensors of fixed shapes, float64 or int64."""
 
     def summarize(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """The metrics from the sums over the whole validation set."""
@@ -122,7 +122,8 @@ def best_metric(objective: Any) -> tuple[str, str]:
 def checked_loss(objective: Any, output: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """objective.loss(output, batch), refused unless it is a floating scalar tensor (backward needs one)."""
     value = objective.loss(output, batch)
-    where = f"the objective {type(objective).__name__}'s loss"
+    where = (f"the loss function {_function_name(objective._loss)}" if isinstance(objective, FunctionObjective)
+             else f"the objective {type(objective).__name__}'s loss")
     if not isinstance(value, torch.Tensor):
         raise ObjectiveError(f"{where} returned a {type(value).__name__}, not a tensor (backward needs the tensor)")
     if value.ndim != 0:
@@ -147,9 +148,11 @@ def add_sums(totals: Optional[dict[str, torch.Tensor]], sums: Any) -> dict[str, 
         raise ObjectiveError(f"evaluate returned {_describe(sums)}; it must return a dict of tensors "
                              "{name: sum over the batch}")
     for key, value in sums.items():
-        if (value.is_floating_point() and value.dtype != torch.float64) or value.is_complex():
-            raise ObjectiveError(f"evaluate's sum {key!r} is {value.dtype}; return float64 (or integer) sums, so "
-                                 "that they add up exactly over batches and ranks")
+        if value.dtype not in (torch.float64, torch.int64):
+            # float32 sums drift with the batch split; narrow integers overflow (2**31 pixels is a few thousand
+            # images) and bool adds as logical or.
+            raise ObjectiveError(f"evaluate's sum {key!r} is {value.dtype}; return float64 or int64 sums (.double(), "
+                                 ".long()), so that they add up exactly over batches and ranks")
     if totals is None:
         return {key: value.detach().clone() for key, value in sums.items()}
     if sums.keys() != totals.keys():
@@ -209,9 +212,13 @@ def objective_from_functions(loss: Callable, evaluate: Callable,
     """An objective from loss(output, batch), evaluate(output, batch) and summarize(sums) (default:
     mean_per_count, every sum divided by the sum "count")."""
     for role, function in (("loss", loss), ("evaluate", evaluate), ("summarize", summarize)):
-        if function is not None and not callable(function):
+        if not callable(function) and (role != "summarize" or function is not None):
             raise ObjectiveError(f"objective_from_functions: {role} is a {type(function).__name__}, not a function")
     return FunctionObjective(loss, evaluate, summarize or mean_per_count)
+
+
+def _function_name(function: Callable) -> str:
+    return getattr(function, "__qualname__", None) or repr(function)
 
 
 # ---------------------------------------------------------------------------------------------------------

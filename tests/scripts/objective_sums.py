@@ -1,6 +1,6 @@
 """Validation metrics of the four built-in objectives over a fixed dataset of ROWS rows, each rank over its
 contiguous shard (uneven: 23 rows are 11/12 or 7/8/8) in batches of BATCH (uneven batch counts), the sums
-all-reduced. Rank 0 saves {objective: metrics}. Usage: objective_sums.py OUT.pt"""
+all-reduced. Rank 0 saves {objective: {"sums": ..., "metrics": ...}}. Usage: objective_sums.py OUT.pt"""
 
 import sys
 
@@ -36,15 +36,21 @@ def dataset() -> dict:
     }
 
 
+def shard_totals(objective, outputs: torch.Tensor, batch: dict, rank: int, world_size: int) -> dict:
+    """evaluate() sums over rank `rank`'s contiguous shard of the ROWS rows, in batches of BATCH."""
+    start, stop = rank * ROWS // world_size, (rank + 1) * ROWS // world_size
+    totals = None
+    for i in range(start, stop, BATCH):
+        rows = slice(i, min(i + BATCH, stop))
+        totals = add_sums(totals, objective.evaluate(outputs[rows], {k: v[rows] for k, v in batch.items()}))
+    return totals
+
+
 if __name__ == "__main__":
     with distributed.process_group(DistributedConfig(device="cpu")) as rt:
-        start, stop = rt.rank * ROWS // rt.world_size, (rt.rank + 1) * ROWS // rt.world_size
-        metrics = {}
+        results = {}
         for name, (objective, outputs, batch) in dataset().items():
-            totals = None
-            for i in range(start, stop, BATCH):
-                rows = slice(i, min(i + BATCH, stop))
-                totals = add_sums(totals, objective.evaluate(outputs[rows], {k: v[rows] for k, v in batch.items()}))
-            metrics[name] = objective.summarize(all_reduce_sums(totals, rt))
+            totals = all_reduce_sums(shard_totals(objective, outputs, batch, rt.rank, rt.world_size), rt)
+            results[name] = {"sums": totals, "metrics": objective.summarize(totals)}
         if rt.is_main:
-            torch.save(metrics, sys.argv[1])
+            torch.save(results, sys.argv[1])
