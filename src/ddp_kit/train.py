@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import SWALR, AveragedModel
 
 from . import __version__, data, distributed, models
+from .amp import AMP_DTYPES, autocast_dtype
 from .checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, export_weights, load_checkpoint,
                          load_weights, model_state_dict, restore_rng_state)
 from .config import Config, save_config, step_counts, swa_start_epoch, to_dict
@@ -31,8 +32,6 @@ from .files import WriteError
 from .logging import RunLogger, Throughput
 from .optim import build_optimizer, build_scheduler
 from .preemption import StopSignals, clear_requeue_marker, write_requeue_marker
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,7 +74,8 @@ def train(cfg: Config) -> dict:
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, steps_per_epoch, total_steps)
         # Without AMP, no autocast at all: entering a disabled one every micro-step is a measurable cost.
-        autocast = (functools.partial(torch.autocast, device.type, dtype=AMP_DTYPES[cfg.amp.dtype])
+        amp_dtype, amp_warning = autocast_dtype(cfg.amp, device)
+        autocast = (functools.partial(torch.autocast, device.type, dtype=amp_dtype)
                     if cfg.amp.enabled else contextlib.nullcontext)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler(device.type, init_scale=cfg.amp.init_scale,
@@ -130,6 +130,8 @@ def train(cfg: Config) -> dict:
                     f"{loaders.val_size} val samples, "
                     f"{micro_per_epoch} micro-batches = {steps_per_epoch} optimizer steps per epoch per rank"
                     + (f"; resumed from {resume_path} at epoch {start_epoch}, step {step}" if resume_path else ""))
+        if amp_warning:
+            logger.info(amp_warning)
         ledger = _open_ledger(run_dir, rt) if cfg.train.record_sample_ids else None
         if ledger is not None:
             teardown.callback(ledger.close)
