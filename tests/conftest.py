@@ -6,6 +6,13 @@ import numpy as np
 import pytest
 
 from ddp_kit.data import write_h5
+from slurm_cluster import install_if_needed
+
+
+def pytest_collection_finish(session):
+    # SLURM, when a collected test needs it and it is missing, is installed before any test runs, under its own
+    # time limit (slurm_cluster.INSTALL_TIMEOUT_S) instead of inside the first such test's timeout.
+    install_if_needed(session)
 
 
 def make_classification_file(path: Path, *, n_train: int = 96, n_val: int = 40, classes: int = 4,

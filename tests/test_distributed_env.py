@@ -65,3 +65,46 @@ def test_cuda_device_follows_local_rank(monkeypatch):
     with pytest.raises(RuntimeError, match="LOCAL_RANK=5 but only 4"):
         resolve_device(DistributedConfig(), DistEnv(local_rank=5))
     assert resolve_device(DistributedConfig(device="cpu"), DistEnv(local_rank=2)) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("local, expected", [
+    ({"SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "3,2", "SLURM_NODEID": "1"}, (1, 2)),  # srun, RANK exported
+    ({"OMPI_COMM_WORLD_LOCAL_RANK": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, (2, 4)),  # Open MPI
+    ({"MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "4"}, (3, 4)),  # MPICH, Intel MPI
+    ({"LOCAL_RANK": "0", "SLURM_LOCALID": "1"}, (0, 1)),  # torchrun's own wins
+])
+def test_local_rank_from_other_launchers_when_local_rank_is_missing(local, expected):
+    env = detect_env({"RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "a", "MASTER_PORT": "1", **local})
+    assert (env.local_rank, env.local_world_size) == expected
+
+
+def test_missing_local_rank_is_refused_not_guessed():
+    with pytest.raises(RuntimeError, match="LOCAL_RANK is not .*SLURM_LOCALID.*same GPU.*export LOCAL_RANK"):
+        detect_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+    assert detect_env({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "a", "MASTER_PORT": "1"}).local_rank == 0
+
+
+def _fake_gpus(monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+SRUN_TWO_TASKS = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_NODEID": "1",
+                  "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_NODELIST": "g[1-2]"}
+
+
+def test_srun_task_bound_to_one_gpu_takes_cuda0(monkeypatch):
+    _fake_gpus(monkeypatch, 1)  # --gpus-per-task=1 / --gpu-bind=single:1: each task sees its own GPU only
+    assert resolve_device(DistributedConfig(), detect_env(SRUN_TWO_TASKS)) == torch.device("cuda", 0)
+    _fake_gpus(monkeypatch, 2)  # every task sees the node's GPUs
+    assert resolve_device(DistributedConfig(), detect_env(SRUN_TWO_TASKS)) == torch.device("cuda", 1)
+
+
+def test_srun_tasks_and_visible_gpus_that_do_not_match_name_the_options(monkeypatch):
+    _fake_gpus(monkeypatch, 4)
+    with pytest.raises(RuntimeError, match=r"srun started 2 task\(s\) on this node and each sees 4 CUDA device\(s\)"
+                                           r".*--gpus-per-task=1.*--gpu-bind=single:1.*--ntasks-per-node"):
+        resolve_device(DistributedConfig(), detect_env(SRUN_TWO_TASKS))
+    _fake_gpus(monkeypatch, 1)  # torchrun binds nothing: a second process per node with one GPU is an error
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=1 but only 1"):
+        resolve_device(DistributedConfig(), DistEnv(local_rank=1, local_world_size=2, launcher="torchrun"))

@@ -4,7 +4,8 @@ Part 1 runs the scripts with bash outside SLURM, with stand-in `srun` and `scont
 they were called: allocation checks, the launch command lines, signal forwarding and requeue. Fast, no root.
 
 Part 2 runs them under a real single-node SLURM (tests/slurm_cluster.py) with the digits demo on CPU: a full
-run, and a run preempted with USR2 that requeues itself, resumes and ends bit-identical to the full run.
+run, a run preempted with USR2 that requeues itself, resumes and ends bit-identical to the full run, and a
+signal that arrives before training started. tests/test_slurm_two_nodes.py runs them on two nodes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_overrides
 from slurm_cluster import FINISHED, slurm  # noqa: F401  (session fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,12 +164,15 @@ def test_allocation_mismatch_fails_before_launch(fake, env, message):
 
 def test_srun_launcher_exports_rendezvous_for_the_runtime(fake):
     out = fake.run(LAUNCHER="srun", SLURM_JOB_NUM_NODES=2, SLURM_NTASKS=8, SLURM_GPUS_ON_NODE=4,
-                   SLURM_JOB_NODELIST="gpu7,gpu8")
+                   SLURM_JOB_NODELIST="gpu7,gpu8", SLURM_JOB_CPUS_PER_NODE="16,10")
     assert out.returncode == 0, out.stderr
     srun = _srun(fake)
     assert srun["args"] == ["--kill-on-bad-exit=1", "python", "launch/train.py", "--config", "c.yaml",
                             "train.epochs=1"]
     assert srun["env"]["MASTER_ADDR"] == "gpu7" and srun["env"]["MASTER_PORT"] == "20123"
+    # Each task's CPUs: the smaller node's 10 shared by its 4 tasks, not the batch step's --cpus-per-task (3).
+    assert srun["env"]["SRUN_CPUS_PER_TASK"] == "2"
+    assert "launcher srun (2 CPU(s) per task: 10 per node / 4 tasks)" in out.stdout
 
 
 def test_usage_and_missing_files_are_clear_errors(fake, tmp_path):
@@ -253,10 +258,6 @@ def _submit(slurm, work: Path, name: str, *extra: str) -> str:  # noqa: F811
                         cwd=REPO, env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
 
 
-def _log(slurm, job_id: str) -> str:  # noqa: F811
-    path = slurm.job(job_id)["StdOut"]
-    return Path(path).read_text() if Path(path).exists() else f"(no output file {path})"
-
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
@@ -275,7 +276,7 @@ def full_run(slurm, work):  # noqa: F811
 @pytest.mark.slurm
 def test_sbatch_trains_digits(slurm, full_run):  # noqa: F811
     job, info, run_dir = full_run
-    log = _log(slurm, job)
+    log = slurm.output(job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     assert info["Restarts"] == "0"
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -299,19 +300,16 @@ def test_usr2_preempts_requeues_and_resumes_bit_identical(slurm, full_run, work)
         lines = ledger.read_text().splitlines() if ledger.exists() else []
         if lines and json.loads(lines[-1])["step"] >= 7:
             break
-        assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), _log(slurm, job)
+        assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), slurm.output(job)
         time.sleep(0.05)
     else:
-        pytest.fail(f"training did not reach step 7 within 180 s:\n{_log(slurm, job)}")
+        pytest.fail(f"training did not reach step 7 within 180 s:\n{slurm.output(job)}")
     slurm.cmd(["scancel", "--signal=USR2", "--batch", job])  # as #SBATCH --signal=B:USR2@... would
     info = slurm.wait_state(job, {"PENDING", *FINISHED}, timeout=120)
-    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", _log(slurm, job)
-    # Skip the requeue hold-off, but not at once: slurmd refuses to start the job with a credential issued in
-    # the same second as the revocation of the previous run's ("Job credential revoked").
-    time.sleep(3)
-    slurm.cmd(["scontrol", "update", f"jobid={job}", "StartTime=now"])
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", slurm.output(job)
+    slurm.release(job)
     info = slurm.wait_state(job, FINISHED, timeout=300)
-    log = _log(slurm, job)
+    log = slurm.output(job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     assert info["Restarts"] == "1", log
     assert "received SIGUSR2; passing it on" in log and f"job {job} requeued" in log
@@ -339,4 +337,51 @@ def test_allocation_mismatch_fails_fast_under_slurm(slurm, work):  # noqa: F811
                        cwd=REPO, env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
     info = slurm.wait_state(job, FINISHED, timeout=60)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0"
-    assert "Submit with --ntasks-per-node=1" in _log(slurm, job)
+    assert "Submit with --ntasks-per-node=1" in slurm.output(job)
+
+
+# Stands in for `python` in the batch script: `python -m ddp_kit.preemption`, the script's last command before
+# it starts training, waits at a gate the test opens, so the test can signal the batch shell at that point.
+GATED_PYTHON = r"""#!/bin/bash
+if [ "$1 $2" = "-m ddp_kit.preemption" ] && [ ! -e "$GATE.open" ]; then
+    touch "$GATE.waiting"
+    for _ in $(seq 1200); do [ -e "$GATE.open" ] && break; sleep 0.1; done
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+@pytest.mark.slurm
+def test_signal_before_training_requeues_without_starting(slurm, work, tiny_h5):  # noqa: F811
+    bin_dir, gate = work / "gated_bin", work / "gate"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(GATED_PYTHON)
+    (bin_dir / "python").chmod(0o755)
+    name = "early"
+    job = slurm.sbatch(["--gpus-per-node=0", "--cpus-per-task=2", "--time=10", f"--job-name={name}",
+                        f"--output={work}/%x-%j.out", str(REPO / "slurm" / "train.sbatch"),
+                        str(REPO / "configs" / "digits.yaml"),
+                        *tiny_overrides(tiny_h5, work / "runs", name, **{"train.epochs": 1})],
+                       cwd=REPO, env={"PATH": f"{bin_dir}:{VENV_BIN}:{os.environ['PATH']}", "GATE": str(gate),
+                                      "REAL_PYTHON": sys.executable})
+    end = time.monotonic() + 120
+    while not Path(f"{gate}.waiting").exists():
+        assert time.monotonic() < end and slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), slurm.output(job)
+        time.sleep(0.1)
+    slurm.cmd(["scancel", "--signal=USR2", "--batch", job])
+    # slurmstepd has sent it to the batch shell, which is waiting for the gated command: its trap runs after.
+    slurm.wait_for_log(rf"sent signal 12 to pid \d+ StepId={job}\.batch", timeout=60)
+    Path(f"{gate}.open").touch()
+    info = slurm.wait_state(job, {"PENDING", *FINISHED}, timeout=120)
+    log = slurm.output(job)
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", log
+    assert "received SIGUSR2 before training started; not starting" in log
+    run_dir = work / "runs" / name
+    assert not (run_dir / "checkpoints").exists() and "ddp_kit 0.1.0" not in log  # training never started
+    slurm.release(job)
+    info = slurm.wait_state(job, FINISHED, timeout=300)
+    log = slurm.output(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", log
+    assert "(restart 1)" in log and "resumed from" not in log
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if "val_acc" in r] == [0]

@@ -105,17 +105,48 @@ def _slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int:
     return counts[node] if node < len(counts) else 1
 
 
+# Where launchers put a process's index on its node, and the number of processes there: torchrun, srun,
+# Open MPI, MPICH / Intel MPI.
+LOCAL_RANK_SOURCES = (("LOCAL_RANK", "LOCAL_WORLD_SIZE"), ("SLURM_LOCALID", "SLURM_TASKS_PER_NODE"),
+                      ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+                      ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"))
+
+
+def _local_rank_and_size(environ: Mapping[str, str], world_size: int) -> tuple[int, int]:
+    """LOCAL_RANK and LOCAL_WORLD_SIZE, else what srun or MPI set. Guessing 0 would put every process of a
+    node on cuda:0, and NCCL would fail much later ("Duplicate GPU detected")."""
+    for rank_key, size_key in LOCAL_RANK_SOURCES:
+        if rank_key not in environ:
+            continue
+        if size_key not in environ:
+            size = 1
+        elif size_key == "SLURM_TASKS_PER_NODE":
+            size = _slurm_tasks_on_this_node(environ)
+        else:
+            size = _int_env(environ, size_key)
+        return _int_env(environ, rank_key), size
+    if world_size > 1:
+        others = ", ".join(rank_key for rank_key, _ in LOCAL_RANK_SOURCES[1:])
+        raise RuntimeError(
+            f"RANK and WORLD_SIZE are set but LOCAL_RANK is not (nor {others}), so this process's index on its "
+            f"node is unknown and every process of a node would take the same GPU. Start with torchrun, or export "
+            f"LOCAL_RANK (0 .. processes per node - 1) for each process")
+    return 0, 1
+
+
 def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     """Read torchrun's variables, else SLURM's (srun without torchrun), else a single process."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in environ:
                 raise RuntimeError(f"RANK and WORLD_SIZE are set but {key} is not; start with torchrun or set it")
+        world_size = _int_env(environ, "WORLD_SIZE")
+        local_rank, local_world_size = _local_rank_and_size(environ, world_size)
         return DistEnv(
             rank=_int_env(environ, "RANK"),
-            local_rank=_int_env(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
-            world_size=_int_env(environ, "WORLD_SIZE"),
-            local_world_size=_int_env(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else 1,
+            local_rank=local_rank,
+            world_size=world_size,
+            local_world_size=local_world_size,
             master_addr=environ["MASTER_ADDR"],
             master_port=_int_env(environ, "MASTER_PORT"),
             launcher="torchrun",
@@ -145,7 +176,8 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
 
 
 def resolve_device(cfg: DistributedConfig, env: DistEnv) -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is wanted and present, else the CPU."""
+    """cuda:LOCAL_RANK when CUDA is wanted and present, else the CPU. A task that srun bound to one GPU
+    (--gpus-per-task=1, --gpu-bind=single:1, a MIG slice) sees only that one: cuda:0."""
     if cfg.device == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -153,6 +185,14 @@ def resolve_device(cfg: DistributedConfig, env: DistEnv) -> torch.device:
             raise ConfigError("distributed.device='cuda' but CUDA is not available here; use 'auto' or 'cpu'")
         return torch.device("cpu")
     count = torch.cuda.device_count()
+    if env.launcher == "slurm" and count != env.local_world_size:
+        if count == 1:
+            return torch.device("cuda", 0)
+        raise RuntimeError(
+            f"srun started {env.local_world_size} task(s) on this node and each sees {count} CUDA device(s) (task "
+            f"{env.local_rank}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}); a task "
+            f"drives one GPU. Bind one GPU to each task (srun/sbatch --gpus-per-task=1, or --gpu-bind=single:1), "
+            f"or let every task see all of the node's GPUs with --ntasks-per-node equal to --gpus-per-node")
     if env.local_rank >= count:
         raise RuntimeError(
             f"LOCAL_RANK={env.local_rank} but only {count} CUDA device(s) are visible on this node; start at most "

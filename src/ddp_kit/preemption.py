@@ -29,6 +29,7 @@ atomically), so a resumed run loses only the steps since then. Signals sent ahea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -76,6 +77,11 @@ class StopSignals:
             raise RuntimeError("StopSignals is already installed in this process; restore() it first")
         self._signals = list(dict.fromkeys(_to_signal(s) for s in signals))
         self._signum = 0  # the first stop signal's number; 0 until one arrives
+        # Who this process is, for the line each process writes when a stop signal reaches it: the log then shows
+        # which ranks of which nodes the signal reached (all of them, when the batch script forwarded it right),
+        # where the all-reduce at the step boundary would hide it.
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
+        self._who = f"rank {rank} on {socket.gethostname()}, pid {os.getpid()}"
         self._deadline_s = deadline_s
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self._signals}
         self._done = threading.Event()
@@ -87,9 +93,13 @@ class StopSignals:
         _active = self
 
     def _handle(self, signum, frame) -> None:
-        # Only record: the loop does the I/O and collectives at the next step boundary.
+        # Only record (and say so, with one unbuffered write): the loop does the I/O and collectives at the next
+        # step boundary.
         if not self._signum:
             self._signum = signum
+            line = f"ddp_kit: {signal.Signals(signum).name} received by {self._who}; stopping at the next step\n"
+            with contextlib.suppress(OSError):  # stderr closed: the stop itself must still happen
+                os.write(2, line.encode())
 
     @property
     def requested(self) -> bool:
@@ -155,7 +165,7 @@ class StopSignals:
             return
         name = signal.Signals(hit[0]).name
         msg = (f"ddp_kit: {name} received {self._deadline_s:g} s ago and the training loop has not stopped "
-               f"(rank {os.environ.get('RANK', '?')}, pid {os.getpid()}); it is probably blocked in a "
+               f"({self._who}); it is probably blocked in a "
                f"collective waiting for another rank. Exiting now, before the sender's SIGKILL; a resumed run "
                f"starts from the last complete checkpoint.\n")
         os.write(2, msg.encode())

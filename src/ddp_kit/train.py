@@ -24,9 +24,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import __version__, data, distributed, models
+from .amp import autocast_factory
 from .averaging import SWA, recompute_bn_statistics
 from .checkpoint import CheckpointManager, load_checkpoint, restore_rng_state
-from .config import AmpConfig, Config, save_config, step_counts
+from .config import Config, save_config, step_counts
 from .distributed import Runtime
 from .logging import RunLogger, Throughput
 from .optim import build_optimizer, build_scheduler
@@ -34,8 +35,6 @@ from .preemption import StopSignals, clear_requeue_marker, write_requeue_marker
 from .state import Position, TrainingState
 from .steps import LossMeter, agree, micro_batches
 from .weights import export_weights, load_weights
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,7 +61,7 @@ def train(cfg: Config) -> dict:
         steps = step_counts(cfg.train, len(loaders.train))
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, steps.per_epoch, steps.total)
-        autocast = _autocast(cfg.amp, device)
+        autocast, amp_warning = autocast_factory(cfg.amp, device)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler(device.type, init_scale=cfg.amp.init_scale,
                                       enabled=cfg.amp.enabled and cfg.amp.dtype == "fp16")
@@ -98,6 +97,8 @@ def train(cfg: Config) -> dict:
                     f"{loaders.val_size} val samples, {steps.micro_per_epoch} micro-batches = {steps.per_epoch} "
                     f"optimizer steps per epoch per rank"
                     + (f"; resumed from {resume_path} at epoch {position.epoch}, step {step}" if resume_path else ""))
+        if amp_warning:
+            logger.info(amp_warning)
         ledger = _open_ledger(cfg.run_dir, rt) if cfg.train.record_sample_ids else None
         if ledger is not None:
             teardown.callback(ledger.close)
@@ -248,7 +249,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, swa: bool = Fals
     with distributed.process_group(cfg.distributed) as rt:
         loaders, model = _build(cfg, rt)
         load_weights(model, load_checkpoint(checkpoint), strict=True, key="swa_model" if swa else None)
-        autocast = _autocast(cfg.amp, rt.device)
+        autocast, _ = autocast_factory(cfg.amp, rt.device)
         eval_batch = functools.partial(data.to_device, device=rt.device, cfg=cfg.data, train=False,
                                        channels_last=cfg.model.channels_last)
         if swa:
@@ -294,12 +295,6 @@ def _build(cfg: Config, rt: Runtime) -> tuple[data.Loaders, nn.Module]:
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return loaders, model
-
-
-def _autocast(cfg: AmpConfig, device: torch.device) -> Callable:
-    # Without AMP, no autocast at all: entering a disabled one every micro-step is a measurable cost.
-    return (functools.partial(torch.autocast, device.type, dtype=AMP_DTYPES[cfg.dtype]) if cfg.enabled
-            else contextlib.nullcontext)
 
 
 def _model_inputs(loader, eval_batch: Callable) -> Callable:
