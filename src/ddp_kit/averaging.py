@@ -97,11 +97,8 @@ def recompute_bn_statistics(model: nn.Module, inputs: Callable[[], Iterable[tupl
             hook = bn.register_forward_pre_hook(accumulate)
             try:
                 for args in inputs():
-                    with autocast():
-                        try:
-                            model(*args)
-                        except _ReachedTarget:
-                            pass
+                    with autocast(), contextlib.suppress(_ReachedTarget):  # the forward stops at `bn`
+                        model(*args)
             finally:
                 hook.remove()
             s1, s2, n = distributed.all_reduce_sum(moments, rt)

@@ -8,6 +8,7 @@ Errors are raised as `ConfigError` before any process group starts, and name the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -244,10 +245,8 @@ def _number(value: Any) -> int | float | None:
         return value
     if isinstance(value, str):
         for parse in (int, float):
-            try:
+            with contextlib.suppress(ValueError):  # not this kind of number: try the next
                 return parse(value)
-            except ValueError:
-                pass
     return None
 
 
