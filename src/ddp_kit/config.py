@@ -168,8 +168,18 @@ class CheckpointConfig:
     every_steps: int = 0  # also save every N optimizer steps; 0 disables
     every_epochs: int = 1  # save at the end of every N epochs; 0 disables
     keep_last: int = 3  # periodic checkpoints kept (older ones are deleted after a newer one is complete)
-    best_metric: Optional[str] = "val_acc"  # also keep the best checkpoint by this metric; None disables
-    best_mode: Literal["max", "min"] = "max"
+    # also keep the best checkpoint by this metric (train_loss, val_<metric>, swa_val_<metric>; the metrics are
+    # the objective's); auto: the objective's own choice (val_acc, max for classification); null disables
+    best_metric: Optional[str] = "auto"
+    best_mode: Literal["auto", "max", "min"] = "auto"  # auto: the objective's (min for train_loss)
+
+
+@dataclass
+class ObjectiveConfig:
+    # the task: its loss and validation metrics (ddp_kit/objectives.py): classification, regression,
+    # segmentation, language_model, or your own as an import path "package.module:attribute"
+    name: str = "classification"
+    kwargs: dict = field(default_factory=dict)  # its arguments, e.g. {label_smoothing: 0.1, top_k: [1, 5]}
 
 
 @dataclass
@@ -186,6 +196,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -511,9 +522,9 @@ def validate(cfg: Config) -> None:
     _require(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "must be >= 0")
     _require(c.every_epochs >= 0, "checkpoint.every_epochs", c.every_epochs, "must be >= 0")
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
-    metrics = ("val_acc", "val_loss", "train_loss", "swa_val_acc", "swa_val_loss")
-    _require(c.best_metric is None or c.best_metric in metrics, "checkpoint.best_metric", c.best_metric,
-             f"must be null or one of {', '.join(metrics)}")
+    _require(c.best_metric in (None, "auto", "train_loss") or c.best_metric.startswith(("val_", "swa_val_")),
+             "checkpoint.best_metric", c.best_metric, "must be auto, null, train_loss, val_<metric> or "
+             "swa_val_<metric> (the objective's metrics, e.g. val_acc)")
     for name in cfg.preemption.signals:
         _require(hasattr(signal, name) and name.startswith("SIG"), "preemption.signals", name,
                  "is not a signal name on this system (e.g. SIGUSR2, SIGTERM)")
