@@ -16,7 +16,7 @@ import torch
 from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
 from ddp_kit.config import CheckpointConfig
 
-from conftest import tiny_overrides
+from runs import tiny_overrides
 from procs import REPO, run, train_command
 
 pytestmark = pytest.mark.slow

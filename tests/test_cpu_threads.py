@@ -10,11 +10,10 @@ import sys
 import pytest
 import torch
 
-from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
-from ddp_kit.config import CheckpointConfig, DistributedConfig
+from ddp_kit.config import DistributedConfig
 from ddp_kit.distributed import detect_env, fit_cpu_threads
 
-from conftest import tiny_overrides
+from runs import assert_same_weights, final_model, tiny_overrides
 from procs import REPO, run, run_together, torchrun_command, train_command
 
 CONFIG = REPO / "configs" / "digits.yaml"
@@ -66,8 +65,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _final_model(run_dir) -> dict:
-    return load_checkpoint(CheckpointManager(run_dir / "checkpoints", CheckpointConfig()).latest())["model"]
 
 
 @pytest.mark.slow
@@ -85,6 +82,5 @@ def test_two_nodes_of_one_process_match_one_node_of_two(tiny_h5, tmp_path):
     one = run(torchrun_command(2, *args, *tiny_overrides(tiny_h5, tmp_path, "one_node", **common)),
               env={"OMP_NUM_THREADS": None}, timeout=180)
     assert "1 CPU thread (OMP_NUM_THREADS)" in one.stdout
-    a, b = _final_model(tmp_path / "two_nodes"), _final_model(tmp_path / "one_node")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    a, b = final_model(tmp_path / "two_nodes"), final_model(tmp_path / "one_node")
+    assert_same_weights(a, b)

@@ -21,7 +21,7 @@ from ddp_kit.files import TEMP_NAME, WriteError
 from ddp_kit.logging import RunLogger
 from ddp_kit.weights import export_weights
 
-from conftest import tiny_overrides
+from runs import tiny_overrides
 from procs import REPO, run, train_command
 
 CONFIG = REPO / "configs" / "digits.yaml"

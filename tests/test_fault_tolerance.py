@@ -21,11 +21,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
 from ddp_kit.config import load_config
 from ddp_kit.preemption import read_requeue_marker
+from runs import assert_same_weights, final_model
 from ledger import ledger, ledger_lines, rows_seen, train_rows
 
 pytestmark = pytest.mark.slow
@@ -136,18 +136,8 @@ def runs(tmp_path_factory):
     return Runs(tmp_path_factory.mktemp("ft"))
 
 
-def final_model(run_dir: Path) -> dict:
-    cfg = load_config(run_dir / "config.yaml")
-    latest = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint).latest()
-    assert latest is not None, f"no complete checkpoint in {run_dir}"
-    return load_checkpoint(latest)["model"]
 
 
-def assert_same_model(a: Path, b: Path) -> None:
-    ma, mb = final_model(a), final_model(b)
-    assert ma.keys() == mb.keys()
-    for key in ma:
-        assert torch.equal(ma[key], mb[key]), f"{key} differs between {a.name} and {b.name}"
 
 
 def max_step(run_dir: Path, rank: int) -> int:
@@ -236,7 +226,7 @@ def test_kill9_of_one_rank_restarts_from_last_checkpoint_bit_identical(runs, ref
     assert {s for e, s in redone} <= set(range(resumed + 1, killed_at + 2)) and {e for e, s in redone} == {0}
     ref_entries, _ = ledger(reference)
     assert entries == ref_entries  # no sample lost or seen twice, in the reference order
-    assert_same_model(reference, run_dir)
+    assert_same_weights(final_model(reference), final_model(run_dir))
 
 
 def test_restart_budget_exhausted_fails_and_names_the_rank(runs, launches):
@@ -332,7 +322,7 @@ def test_stop_signal_checkpoints_same_step_and_resumes_with_nothing_redone(runs,
     entries, counts = ledger(run_dir)
     assert set(counts.values()) == {1}, "a step was redone after the stop"
     assert entries == ledger(reference)[0]
-    assert_same_model(reference, run_dir)
+    assert_same_weights(final_model(reference), final_model(run_dir))
 
 
 def test_stop_signal_in_a_single_process_checkpoints_and_resumes_with_nothing_redone(runs, launches):
@@ -370,7 +360,7 @@ def test_two_launchers_as_two_nodes_match_one_launcher(runs, reference, launches
         assert node.wait(240) == 0, node.output()[-6000:]
     run_dir = runs.run_dir(name)
     assert ledger(run_dir)[0] == ledger(reference)[0]
-    assert_same_model(reference, run_dir)
+    assert_same_weights(final_model(reference), final_model(run_dir))
 
 
 STUCK = textwrap.dedent("""

@@ -7,32 +7,41 @@ import sys
 
 import pytest
 
-from conftest import tiny_overrides
+from runs import final_state, tiny_overrides
 from ledger import ledger, rows_seen
 from procs import REPO, run, train_command
 
 pytestmark = pytest.mark.slow
 CONFIG = REPO / "configs" / "digits.yaml"
 
-# Accumulation with a short last window, bf16 autocast, SWA from epoch 2, a DataLoader worker, and random
-# augmentation on the device: everything that could make a resumed run drift.
-EVERYTHING = {"train.epochs": 4, "train.batch_size": 8, "train.accum_steps": 4, "amp.enabled": "true",
-              "amp.dtype": "bf16", "swa.enabled": "true", "swa.start": 2, "data.num_workers": 1,
-              "data.random_crop_padding": 1, "data.horizontal_flip": "true"}
+# Accumulation with a short last window, SWA from epoch 2, a DataLoader worker, and random augmentation on the
+# device: everything that could make a resumed run drift. 96 rows / world / batch 4 micro-batches in windows of
+# 5 leave a short last window at every world size below.
+EVERYTHING = {"train.epochs": 4, "train.batch_size": 4, "train.accum_steps": 5, "amp.enabled": "true",
+              "swa.enabled": "true", "swa.start": 2, "data.num_workers": 1, "data.random_crop_padding": 1,
+              "data.horizontal_flip": "true"}
+STEPS_PER_EPOCH = {1: 5, 2: 3, 3: 2, 4: 2}  # ceil(24 / world micro-batches / 5)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_verify_resume_is_bit_identical(tiny_h5, tmp_path, nproc):
-    overrides = tiny_overrides(tiny_h5, tmp_path, f"exact{nproc}", **EVERYTHING)
+# 3 and 4 processes as well as 1 and 2: with two ranks a + b == b + a hides a change of summation order (a fresh
+# DDP's first bucket layout, issue 18). fp16 starts at a loss scale that overflows, so the GradScaler skips steps
+# and its scale and growth tracker are part of what must resume.
+@pytest.mark.parametrize("nproc, dtype", [(1, "fp16"), (2, "bf16"), (3, "bf16"), (4, "fp16")])
+def test_verify_resume_is_bit_identical(tiny_h5, tmp_path, nproc, dtype):
+    overrides = tiny_overrides(tiny_h5, tmp_path, f"exact{nproc}{dtype}", **EVERYTHING,
+                               **{"amp.dtype": dtype, "amp.init_scale": 2.0 ** 24})
+    per_epoch = STEPS_PER_EPOCH[nproc]
+    stop_after = 3 * per_epoch + 1  # first step of the second SWA epoch: one average taken, mid-epoch
     command = [sys.executable, "-m", "ddp_kit.cli", "verify-resume", "--config", str(CONFIG), "--nproc",
-               str(nproc), "--timeout", "240", *overrides]
+               str(nproc), "--stop-after", str(stop_after), "--timeout", "240", *overrides]
     out = run(command, timeout=600).stdout
     report = json.loads(out[out.rindex("{\n"):])
-    # 96 rows / nproc / batch 8 micro-batches, windows of 4 with a shorter last one
-    steps_per_epoch = {1: 3, 2: 2}[nproc]
-    assert report["final_step"] == 4 * steps_per_epoch
-    assert report["stopped_at_step"] == 4 * steps_per_epoch // 2 + 1  # inside an SWA epoch, mid-epoch
+    assert report["final_step"] == 4 * per_epoch and report["stopped_at_step"] == stop_after
     assert report["identical"] is True and report["differences"] == []
+    full_state = final_state(tmp_path / f"exact{nproc}{dtype}-verify-full")
+    assert full_state["swa_n_averaged"] == 2
+    if dtype == "fp16":
+        assert full_state["skipped_steps"]["scaler"] > 0 and full_state["scaler"]["scale"] < 2.0 ** 24
 
 
 def test_resume_with_another_world_size_is_refused(tiny_h5, tmp_path):

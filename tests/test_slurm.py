@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from runs import final_model, metrics, tiny_overrides
 from slurm_cluster import FINISHED, slurm  # noqa: F401  (session fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,14 +239,6 @@ def test_usr2_is_forwarded_and_the_marker_requeues(fake, script):
 OVERRIDES = ["train.epochs=2", "checkpoint.every_steps=5", "data.num_workers=1", "train.record_sample_ids=true"]
 
 
-def _final_model(run_dir: Path) -> dict:
-    from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
-    from ddp_kit.config import load_config
-
-    cfg = load_config(run_dir / "config.yaml")
-    latest = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint).latest()
-    assert latest is not None, f"no complete checkpoint in {run_dir}"
-    return load_checkpoint(latest)["model"]
 
 
 def _submit(slurm, work: Path, name: str, *extra: str) -> str:  # noqa: F811
@@ -279,7 +271,7 @@ def test_sbatch_trains_digits(slurm, full_run):  # noqa: F811
     log = slurm.output(job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     assert info["Restarts"] == "0"
-    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = metrics(run_dir)
     epochs = [r for r in epochs if "val_acc" in r]
     assert [r["epoch"] for r in epochs] == [0, 1], log
     assert epochs[-1]["val_acc"] > 0.5
@@ -322,8 +314,8 @@ def test_usr2_preempts_requeues_and_resumes_bit_identical(slurm, full_run, work)
         keys = [(r["epoch"], r["step"], r["micro"]) for r in map(json.loads, (run_dir / "samples" / f"rank{rank}.jsonl")
                                                                  .read_text().splitlines())]
         assert len(keys) == len(set(keys)) == 46
-    reference = _final_model(full_run[2])
-    resumed = _final_model(run_dir)
+    reference = final_model(full_run[2])
+    resumed = final_model(run_dir)
     assert reference.keys() == resumed.keys()
     for key in reference:
         assert torch.equal(reference[key], resumed[key]), key
@@ -383,5 +375,5 @@ def test_signal_before_training_requeues_without_starting(slurm, work, tiny_h5):
     log = slurm.output(job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", log
     assert "(restart 1)" in log and "resumed from" not in log
-    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = metrics(run_dir)
     assert [r["epoch"] for r in epochs if "val_acc" in r] == [0]

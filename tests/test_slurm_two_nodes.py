@@ -28,12 +28,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
 from ddp_kit.config import CheckpointConfig
 
-from conftest import make_classification_file, tiny_overrides
+from runs import assert_same_weights, final_model, make_classification_file, tiny_overrides
 from procs import REPO, run, train_command
 from slurm_cluster import FINISHED, TwoNodeCluster, slurm2  # noqa: F401  (session fixture)
 
@@ -69,20 +68,13 @@ def reference(work):
         if world_size not in done:
             name = f"reference{world_size}"
             run(train_command(world_size, CONFIG, _overrides(work, name, world_size)), timeout=300)
-            done[world_size] = _final_model(work / "runs" / name)
+            done[world_size] = final_model(work / "runs" / name)
         return done[world_size]
     return get
 
 
-def _final_model(run_dir: Path) -> dict:
-    latest = CheckpointManager(run_dir / "checkpoints", CheckpointConfig()).latest()
-    assert latest is not None, f"no complete checkpoint in {run_dir}"
-    return load_checkpoint(latest)["model"]
 
 
-def _assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
 def _submit(cluster, work: Path, name: str, world_size: int, *options: str, env=None, extra=None) -> str:
@@ -121,7 +113,7 @@ def test_two_nodes_end_with_the_weights_of_one_node(slurm2, work, reference, per
     info = slurm2.wait_state(job, FINISHED, timeout=300)
     log = slurm2.output(job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
-    _assert_same_weights(_final_model(work / "runs" / name), expected)
+    assert_same_weights(final_model(work / "runs" / name), expected)
     assert info["NodeList"] == "node[1-2]"
     assert f"2 node(s) [node[1-2]], {per_node} process(es) per node (CPU job), launcher torchrun" in log
     assert f"{world_size} process(es) (torchrun), device cpu, backend gloo, 1 CPU thread" in log
@@ -139,7 +131,7 @@ def test_srun_launcher_trains_with_ranks_from_slurm(slurm2, work, reference):  #
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     assert "launcher srun (1 CPU(s) per task: 2 per node / 2 tasks)" in log
     assert "4 process(es) (slurm), device cpu, backend gloo, 1 CPU thread (1 CPUs allocated by SLURM)" in log
-    _assert_same_weights(_final_model(work / "runs" / name), reference(4))
+    assert_same_weights(final_model(work / "runs" / name), reference(4))
 
 
 # A stand-in training script for the srun launcher: CUDA is faked with as many devices as SLURM made visible to
@@ -270,7 +262,7 @@ def test_preemption_reaches_every_rank_on_both_nodes_and_resumes_bit_identical(s
         records = [json.loads(line) for line in (run_dir / "samples" / f"rank{rank}.jsonl").read_text().splitlines()]
         keys = [(r["epoch"], r["step"], r["micro"]) for r in records]
         assert len(keys) == len(set(keys)) == EPOCHS[2] * TRAIN_ROWS // (BATCH * 2)
-    _assert_same_weights(_final_model(run_dir), reference(2))
+    assert_same_weights(final_model(run_dir), reference(2))
 
 
 def test_lost_node_fails_the_job_naming_it_and_a_resubmission_resumes(slurm2, work, reference):  # noqa: F811
@@ -300,4 +292,4 @@ def test_lost_node_fails_the_job_naming_it_and_a_resubmission_resumes(slurm2, wo
     log = slurm2.output(again)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     assert f"resumed from {last} at epoch" in log
-    _assert_same_weights(_final_model(run_dir), reference(2))
+    assert_same_weights(final_model(run_dir), reference(2))

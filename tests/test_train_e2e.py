@@ -16,15 +16,13 @@ from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
 from ddp_kit.config import CheckpointConfig, load_config
 from ddp_kit.models import build_model
 
-from conftest import make_classification_file, tiny_overrides
+from runs import make_classification_file, metrics, tiny_overrides
 from procs import REPO, run, train_command
 
 pytestmark = pytest.mark.slow
 CONFIG = REPO / "configs" / "digits.yaml"
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def latest_checkpoint(run_dir: Path) -> Path:

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from ddp_kit import distributed
-from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
-from ddp_kit.config import CheckpointConfig, load_config
+from ddp_kit.checkpoint import load_checkpoint
+from ddp_kit.config import load_config
 from ddp_kit.models import build_model
 from ddp_kit.data import write_h5
 
-from conftest import tiny_overrides
+from runs import final_state, metrics, tiny_overrides
 from procs import REPO, run, torchrun_command, train_command
 
 pytestmark = pytest.mark.slow
@@ -25,26 +25,28 @@ CONFIG = REPO / "configs" / "digits.yaml"
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def checkpoints(run_dir: Path) -> list[dict]:
     return [load_checkpoint(p) for p in sorted((run_dir / "checkpoints").glob("ckpt_step*.pt"))]
 
 
-def final_state(run_dir: Path) -> dict:
-    return load_checkpoint(CheckpointManager(run_dir / "checkpoints", CheckpointConfig()).latest())
 
 
 def test_accumulation_all_reduces_once_per_optimizer_step(tiny_h5, tmp_path):
-    # 96 rows / 2 ranks / batch 4 = 12 micro-batches per epoch; K=4 -> 3 optimizer steps per epoch, 2 epochs
-    overrides = tiny_overrides(tiny_h5, tmp_path, "accum", **{"train.batch_size": 4, "train.accum_steps": 4})
+    # 96 rows / 2 ranks / batch 4 = 12 micro-batches per epoch; K=4 -> 3 optimizer steps per epoch, 2 epochs.
+    # Buckets of 1 kB split the model's gradients into several, so a micro-step that reduced any one would show.
+    overrides = tiny_overrides(tiny_h5, tmp_path, "accum", **{"train.batch_size": 4, "train.accum_steps": 4,
+                                                              "distributed.bucket_cap_mb": 0.001})
     run(torchrun_command(2, str(SCRIPTS / "count_allreduce.py"), str(CONFIG), *overrides), timeout=180)
     for rank in (0, 1):
         counts = json.loads((tmp_path / "accum" / f"allreduce_rank{rank}.json").read_text())
-        assert counts["steps"] == 6 and counts["forwards"] == 24
-        assert counts["bucket0_allreduces"] == 6  # one gradient all-reduce per optimizer step, none per micro-step
+        assert counts["steps"] == 6 and counts["forwards"] == 24 + 1
+        # One synchronized backward per optimizer step after the one that settles DDP's buckets (train.py),
+        # every bucket all-reduced once in each, none in a micro-step: the total is exactly that.
+        settle, *per_step = counts["buckets_per_reduction"]
+        assert len(per_step) == 6 and len(set(per_step)) == 1 and per_step[0] > 2
+        assert counts["allreduces"] == settle + 6 * per_step[0]
 
 
 def _equivalence_files(tmp_path: Path) -> tuple[Path, Path]:
@@ -274,12 +276,15 @@ def test_nonfinite_loss_stop_checkpoints_and_names_step_and_rank(tmp_path, nproc
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_compile_in_two_processes_keeps_checkpoints_clean(tiny_h5, tmp_path):
+def test_compile_in_three_processes_resumes_exactly_and_keeps_checkpoints_clean(tiny_h5, tmp_path):
     overrides = tiny_overrides(tiny_h5, tmp_path, "compiled", **{
-        "model.name": "mlp", "compile.enabled": "true", "train.epochs": 1})
-    out = run(train_command(2, CONFIG, overrides), timeout=420).stdout
-    assert "torch.compile: first step" in out
-    state = final_state(tmp_path / "compiled")
-    assert state["step"] == 6
+        "model.name": "mlp", "compile.enabled": "true", "train.epochs": 2, "train.batch_size": 4})
+    command = [sys.executable, "-m", "ddp_kit.cli", "verify-resume", "--config", str(CONFIG), "--nproc", "3",
+               "--timeout", "400", *overrides]
+    out = run(command, timeout=1200).stdout
+    assert "(torch.compile's compilation included)" in out
+    report = json.loads(out[out.rindex("{\n"):])
+    assert report["identical"] is True and report["final_step"] == 16  # 96 rows / 3 / batch 4 = 8 per epoch
+    state = final_state(tmp_path / "compiled-verify-full")
     assert not any("_orig_mod" in k or k.startswith("module.") for k in state["model"])
-    assert metrics(tmp_path / "compiled")[-1]["val_acc"] >= 0.9  # as without compile (1.0); chance is 0.25
+    assert metrics(tmp_path / "compiled-verify-full")[-1]["val_acc"] >= 0.9  # as without compile; chance is 0.25

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from runs import tiny_overrides
 from ddp_kit import cli
 from ddp_kit.config import load_config, step_counts
 from ddp_kit.data import train_batches_per_epoch

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -54,6 +55,9 @@ def train(cfg: Config) -> dict:
         device = rt.device
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
         if cfg.train.deterministic:
+            # cuBLAS reads this when its first handle is made (the first matmul, after this); without it torch
+            # refuses cuBLAS under deterministic algorithms.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)
 
@@ -88,6 +92,10 @@ def train(cfg: Config) -> dict:
             # Compile the DDP wrapper, not the bare model: DDP's graph splitter then cuts the graph at bucket
             # boundaries, so gradient all-reduce overlaps the backward.
             train_model = torch.compile(train_model, mode=cfg.compile.mode, backend=cfg.compile.backend)
+        settle_seconds = None
+        if ddp is not None and (cfg.distributed.static_graph or not cfg.distributed.find_unused_parameters):
+            settle_seconds = _settle_gradient_buckets(train_model, model, loaders.train_eval.dataset, eval_batch,
+                                                      autocast, rows=min(cfg.train.batch_size, loaders.train_size))
 
         opened = manager.write_on_rank0(functools.partial(_open_run_dir, cfg, steps.total, step), rt)
         logger = opened if rt.is_main else RunLogger(cfg.run_dir, enabled=False, total_steps=steps.total)
@@ -99,6 +107,9 @@ def train(cfg: Config) -> dict:
                     + (f"; resumed from {resume_path} at epoch {position.epoch}, step {step}" if resume_path else ""))
         if amp_warning:
             logger.info(amp_warning)
+        if settle_seconds is not None:
+            logger.info(f"DDP gradient buckets settled by one discarded forward/backward in {settle_seconds:.1f} s"
+                        + (" (torch.compile's compilation included)" if cfg.compile.enabled else ""))
         ledger = _open_ledger(cfg.run_dir, rt) if cfg.train.record_sample_ids else None
         if ledger is not None:
             teardown.callback(ledger.close)
@@ -110,7 +121,7 @@ def train(cfg: Config) -> dict:
             distributed.seed_everything(distributed.rank_seed(cfg.run.seed, rt.rank))
 
         status, record = "completed", {}
-        compile_pending = cfg.compile.enabled
+        compile_pending = cfg.compile.enabled and settle_seconds is None
         grad_norm = torch.zeros((), device=device)
         # A non-finite forward has already written NaN/Inf into BatchNorm's running statistics by the time the
         # ranks agree on it: a skipped step restores them from this copy, and `stop` saves the good ones.
@@ -295,6 +306,33 @@ def _build(cfg: Config, rt: Runtime) -> tuple[data.Loaders, nn.Module]:
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return loaders, model
+
+
+def _settle_gradient_buckets(train_model: nn.Module, model: nn.Module, dataset, eval_batch: Callable,
+                             autocast: Callable, *, rows: int) -> float:
+    """One synchronized forward/backward whose gradients are discarded and whose BatchNorm updates are undone,
+    run by every process that starts, fresh or resumed; returns its seconds.
+
+    Why: DDP reduces its first iteration with the initial bucket layout (parameters in reverse order) and
+    rebuilds the buckets, in the order gradients became ready, before its second. A ring all-reduce adds the
+    ranks' values of an element in an order set by the element's place in its bucket, so with 3 or more ranks
+    the layout changes the sums' rounding: a run resumed at step k (a fresh DDP) would reduce step k with the
+    initial layout while the uninterrupted run uses the rebuilt one, and drift. After this every real step of
+    every run reduces with the rebuilt layout. Random draws made here do not matter: the caller seeds or
+    restores the RNG states afterwards.
+    """
+    started = time.perf_counter()
+    buffers = [b.detach().clone() for b in model.buffers()]
+    images, labels, _ = dataset[range(rows)]
+    images, labels = eval_batch(images, labels)
+    with autocast():
+        loss = F.cross_entropy(train_model(images), labels)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), buffers):
+            buffer.copy_(saved)
+    return time.perf_counter() - started
 
 
 def _model_inputs(loader, eval_batch: Callable) -> Callable:

@@ -4,6 +4,7 @@ end with bit-identical weights and optimizer state. Users run it to trust resume
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -25,9 +26,16 @@ def default_nproc(cfg: Config) -> int:
     return 1 if cfg.distributed.device == "cpu" else max(1, torch.cuda.device_count())
 
 
-def _run(command: list[str], timeout_s: float) -> None:
+# On a GPU two runs of one command differ without these, resumed or not: cuDNN autotuning picks kernels by
+# timing, atomic-add kernels sum in arrival order, and NCCL chooses its algorithm and protocol per message size
+# and topology. verify-resume checks resume itself, so it takes them out of the comparison.
+GPU_DETERMINISM = ["train.deterministic=true", "train.cudnn_benchmark=false"]
+GPU_DETERMINISM_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NCCL_ALGO": "Ring", "NCCL_PROTO": "Simple"}
+
+
+def _run(command: list[str], timeout_s: float, env: dict | None = None) -> None:
     print("+", " ".join(command), flush=True)
-    completed = subprocess.run(command, timeout=timeout_s)
+    completed = subprocess.run(command, timeout=timeout_s, env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"command failed with exit code {completed.returncode}: {' '.join(command)}")
 
@@ -40,29 +48,46 @@ def _final_state(cfg_path, overrides: list[str]) -> dict:
     return load_checkpoint(latest)
 
 
-def _tensors(tree, prefix: str = ""):
-    """Flatten nested dicts/lists into (path, tensor) pairs."""
-    if isinstance(tree, torch.Tensor):
-        yield prefix, tree
-    elif isinstance(tree, dict):
+def _leaves(tree, prefix: str = ""):
+    """Flatten nested dicts/lists into (path, leaf) pairs; tensors and plain values alike."""
+    if isinstance(tree, dict):
         for key, value in tree.items():
-            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
     elif isinstance(tree, (list, tuple)):
         for i, value in enumerate(tree):
-            yield from _tensors(value, f"{prefix}[{i}]")
+            yield from _leaves(value, f"{prefix}[{i}]")
+    else:
+        yield prefix, tree
 
 
-def compare_states(a: dict, b: dict, keys=("model", "optimizer", "swa_model")) -> list[str]:
-    """Names of tensors that differ (or exist on one side only) between two checkpoints."""
+# Everything that decides how training continues: weights, optimizer moments, the LR schedulers' positions,
+# the GradScaler's scale and growth tracker, the SWA average and its count, the skipped-step counters.
+TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler", "swa_model", "swa_n_averaged", "swa_scheduler",
+                  "skipped_steps", "step", "epoch")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+def compare_states(a: dict, b: dict, keys=TRAINING_STATE) -> list[str]:
+    """Names of the leaves (tensors or values) that differ, or exist on one side only, between two checkpoints,
+    with by how much."""
     differences = []
     for key in keys:
-        left, right = dict(_tensors(a.get(key), key)), dict(_tensors(b.get(key), key))
+        left, right = dict(_leaves(a.get(key), key)), dict(_leaves(b.get(key), key))
         for name in sorted(left.keys() | right.keys()):
             if name not in left or name not in right:
                 differences.append(f"{name}: only in one run")
-            elif not torch.equal(left[name], right[name]):
-                diff = (left[name].double() - right[name].double()).abs().max().item()
-                differences.append(f"{name}: max abs difference {diff:.3g}")
+            elif not _same(left[name], right[name]):
+                x, y = left[name], right[name]
+                if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape:
+                    diff = (x.double() - y.double()).abs().max().item()
+                    differences.append(f"{name}: max abs difference {diff:.3g}")
+                else:
+                    differences.append(f"{name}: {x!r} != {y!r}")
     return differences
 
 
@@ -91,20 +116,29 @@ def verify_resume(config: str | Path, overrides: list[str], *, nproc: int | None
         raise VerifyError(f"--stop-after={stop_after}: must be between 1 and {final_step - 1}: {run_length}")
     print(f"verify-resume: {nproc} process(es) per run; {final_step} optimizer steps, the interrupted run stops "
           f"after step {stop_after}", flush=True)
+    env = None
+    if base.distributed.device != "cpu" and torch.cuda.is_available():
+        overrides = [*overrides, *GPU_DETERMINISM]
+        env = {**GPU_DETERMINISM_ENV, **os.environ}  # what the user set wins
+        print(f"verify-resume: on CUDA every run uses {' '.join(GPU_DETERMINISM)} and "
+              + " ".join(f"{k}={env[k]}" for k in GPU_DETERMINISM_ENV)
+              + ": without them two uninterrupted runs already differ (autotuned and atomic-add kernels, NCCL's "
+                "choice of algorithm), so a difference found here is resume's own", flush=True)
 
     full = [*overrides, f"run.name={base.run.name}-verify-full", "train.resume=never"]
-    _run(train_command(config, full, nproc_per_node=nproc), timeout_s)
+    _run(train_command(config, full, nproc_per_node=nproc), timeout_s, env)
     full_state = _final_state(config, full)
     if full_state["step"] != final_step:
         raise RuntimeError(f"the uninterrupted run ended at step {full_state['step']}, not at the {final_step} "
                            "its config and data give; see its log")
     resumed = [*overrides, f"run.name={base.run.name}-verify-resumed"]
     _run(train_command(config, [*resumed, "train.resume=never", f"train.max_steps={stop_after}"],
-                       nproc_per_node=nproc), timeout_s)
-    _run(train_command(config, [*resumed, "train.resume=auto"], nproc_per_node=nproc), timeout_s)
+                       nproc_per_node=nproc), timeout_s, env)
+    _run(train_command(config, [*resumed, "train.resume=auto"], nproc_per_node=nproc), timeout_s, env)
     resumed_state = _final_state(config, resumed)
     differences = compare_states(full_state, resumed_state)
     report = {"stopped_at_step": stop_after, "final_step": full_state["step"], "nproc": nproc,
-              "identical": not differences, "differences": differences[:20]}
+              "identical": not differences, "first_difference": differences[0] if differences else None,
+              "differences": differences[:20]}
     print(json.dumps(report, indent=2))
     return not differences

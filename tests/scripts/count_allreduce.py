@@ -1,5 +1,5 @@
 """Train under torchrun with a DDP communication hook that counts gradient all-reduces, and write per-rank
-counts to <run_dir>/allreduce_rank<R>.json. Usage: count_allreduce.py CONFIG [overrides...]"""
+counts (bucket all-reduces, the buckets of each synchronized backward, training forwards) to <run_dir>/allreduce_rank<R>.json. Usage: count_allreduce.py CONFIG [overrides...]"""
 
 import json
 import os
@@ -11,7 +11,8 @@ from torch.nn.parallel import DistributedDataParallel
 import ddp_kit.train as train_module
 from ddp_kit.config import load_config
 
-counts = {"bucket0_allreduces": 0, "allreduces": 0, "forwards": 0}
+counts = {"allreduces": 0, "forwards": 0, "buckets_per_reduction": []}
+pending = [0]
 
 
 class CountingDDP(DistributedDataParallel):
@@ -27,7 +28,10 @@ class CountingDDP(DistributedDataParallel):
     @staticmethod
     def _counting_allreduce(state, bucket):
         counts["allreduces"] += 1
-        counts["bucket0_allreduces"] += int(bucket.index() == 0)
+        pending[0] += 1
+        if bucket.is_last():  # one per backward that synchronizes
+            counts["buckets_per_reduction"].append(pending[0])
+            pending[0] = 0
         work = dist.all_reduce(bucket.buffer().div_(dist.get_world_size()), async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])
 
