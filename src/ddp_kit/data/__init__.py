@@ -13,7 +13,7 @@ Converters, inspection and `register_cli` back the `ddp-kit data ...` commands. 
 from ddp_kit.data.cli import register_cli
 from ddp_kit.data.convert import convert_imagefolder, convert_npz, write_digits
 from ddp_kit.data.dataset import H5ImageDataset, InMemoryImageDataset
-from ddp_kit.data.device import to_device
+from ddp_kit.data.device import prepare_batch, to_device
 from ddp_kit.data.errors import DataError
 from ddp_kit.data.hdf5 import SplitInfo, describe_split
 from ddp_kit.data.inspection import inspect_h5
@@ -37,6 +37,7 @@ __all__ = [
     "describe_split",
     "draw_seed",
     "inspect_h5",
+    "prepare_batch",
     "prepare_data",
     "register_cli",
     "seeded",

@@ -76,3 +76,14 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, 
     x = (x - _per_channel(tuple(cfg.mean), x.device)) / _per_channel(tuple(cfg.std), x.device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=memory_format), labels.to(device, non_blocking=True, dtype=torch.int64)
+
+
+def prepare_batch(batch, device: torch.device, cfg: DataConfig, *, train: bool, channels_last: bool = False,
+                  batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                  augment_seed: Optional[int] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A batch as the loaders yield it, on `device` and ready for the model and the objective: the fields by
+    name (images prepared as `to_device` does) and the row ids the ledger and resume use."""
+    images, labels, rows = batch
+    images, labels = to_device(images, labels, device, cfg, train=train, channels_last=channels_last,
+                               batch_transform=batch_transform, augment_seed=augment_seed)
+    return {"image": images, "label": labels}, rows
