@@ -95,6 +95,7 @@ class ModelConfig:
     num_classes: int = 10  # built-in and torchvision models only (yours take theirs in kwargs)
     in_channels: int = 1  # built-in and torchvision models only
     channels_last: bool = False  # memory format for convolutional nets (faster with AMP on GPUs)
+    inputs: list[str] = field(default_factory=lambda: ["image"])  # the batch's fields passed to the model, in order
 
 
 @dataclass
@@ -459,6 +460,8 @@ def validate(cfg: Config) -> None:
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name,
              "must be a non-empty directory name without '/'")
     _require(cfg.distributed.timeout_s > 0, "distributed.timeout_s", cfg.distributed.timeout_s, "must be > 0")
+    _require(bool(cfg.model.inputs) and all(isinstance(name, str) and name for name in cfg.model.inputs),
+             "model.inputs", cfg.model.inputs, "must be a non-empty list of field names, e.g. [image]")
     _require(cfg.distributed.cpu_threads is None or cfg.distributed.cpu_threads >= 1, "distributed.cpu_threads",
              cfg.distributed.cpu_threads, "must be >= 1 or null (fit to the CPUs this process may use)")
     _require(cfg.distributed.bucket_cap_mb > 0, "distributed.bucket_cap_mb", cfg.distributed.bucket_cap_mb,

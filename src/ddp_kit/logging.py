@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -66,10 +67,10 @@ class RunLogger:
             self._metrics.write(json.dumps(record) + "\n")
             self._metrics.flush()
         step = record["step"]
-        for key in ("val_loss", "val_acc", "swa_val_loss", "swa_val_acc"):
-            if record.get(key) is not None:
-                prefix, _, name = key.rpartition("val_")
-                self._writer.add_scalar(f"{prefix}val/{name}", record[key], step)
+        for key, value in record.items():
+            if key.startswith(("val_", "swa_val_")) and value is not None:
+                prefix, _, name = key.partition("val_")
+                self._writer.add_scalar(f"{prefix}val/{name}", value, step)
         self._writer.flush()
         shown = {k: v for k, v in record.items() if v is not None and k not in ("epoch", "step", "time")}
         self.info(f"epoch {record['epoch']} done (step {step}): " + " ".join(
@@ -85,18 +86,22 @@ class RunLogger:
 
 
 class Throughput:
-    """Samples per second between two log points. On CUDA the caller synchronizes before reading, so the
-    interval covers finished kernels rather than launches."""
+    """Units per second (samples, and whatever else the objective counts, e.g. tokens) between two log points.
+    On CUDA the caller synchronizes before reading, so the interval covers finished kernels, not launches."""
 
     def __init__(self):
         self._start = time.perf_counter()
-        self._samples = 0
+        self._counts: Counter = Counter()
 
-    def add(self, samples: int) -> None:
-        self._samples += samples
+    def add(self, counts: dict[str, int], *, ranks: int = 1) -> None:
+        """One rank's batch counts; `ranks` processes each did as much."""
+        for unit, n in counts.items():
+            self._counts[unit] += n * ranks
 
-    def rate_and_reset(self) -> float:
+    def rates_and_reset(self) -> dict[str, float]:
+        """{"<unit>_per_s": rate} since the last call."""
         now = time.perf_counter()
-        rate = self._samples / max(now - self._start, 1e-9)
-        self._start, self._samples = now, 0
-        return rate
+        elapsed = max(now - self._start, 1e-9)
+        rates = {f"{unit}_per_s": n / elapsed for unit, n in self._counts.items()}
+        self._start, self._counts = now, Counter()
+        return rates

@@ -11,16 +11,18 @@ read at log intervals.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
 import signal
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -28,22 +30,35 @@ from . import __version__, data, distributed, models
 from .amp import autocast_factory
 from .averaging import SWA, recompute_bn_statistics
 from .checkpoint import CheckpointManager, load_checkpoint, restore_rng_state
-from .config import Config, save_config, step_counts
+from .config import CheckpointConfig, Config, ConfigError, did_you_mean, save_config, step_counts
 from .distributed import Runtime
 from .logging import RunLogger, Throughput
+from .objectives import (Classification, add_sums, all_reduce_sums, batch_counts, best_metric, build_objective,
+                         check_objective, checked_loss)
 from .optim import build_optimizer, build_scheduler
+from .plugins import is_import_path
 from .preemption import StopSignals, clear_requeue_marker, write_requeue_marker
 from .state import Position, TrainingState
 from .steps import LossMeter, agree, micro_batches
 from .weights import export_weights, load_weights
 
 
+# A model as train() takes it: a module, a function or class building one, or None for cfg.model.
+ModelSource = Union[nn.Module, Callable[[], nn.Module], None]
+
+
 class NonFiniteLossError(RuntimeError):
     """A NaN/Inf loss with train.on_nonfinite=stop; the last good state was checkpointed first."""
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
+          datasets: Optional[tuple] = None) -> dict:
     """Run the configured training on this process (one of torchrun's workers, an srun task, or alone).
+
+    `model`: an nn.Module, or a factory called once per rank after seeding (identical initial weights
+    everywhere); None builds cfg.model. `objective`: the task's loss and metrics (ddp_kit.objectives); None
+    builds cfg.objective. `datasets`: a user's (train, val) map-style datasets in place of cfg.data's HDF5 file.
+    The model is called with the batch's fields that cfg.model.inputs names, in that order.
 
     Returns the last epoch's metrics, with "status": "completed" | "preempted" | "max_steps"."""
     # ------------------------------------------------------------------ setup
@@ -61,21 +76,26 @@ def train(cfg: Config) -> dict:
             torch.use_deterministic_algorithms(True)
         torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)
 
-        loaders, model = _build(cfg, rt)
+        objective = _objective(cfg, objective)
+        eval_batch = functools.partial(data.prepare_batch, device=device, cfg=cfg.data, train=False,
+                                       channels_last=cfg.model.channels_last)
+        autocast, amp_warning = autocast_factory(cfg.amp, device)
+        loaders, model, probe = _build(cfg, rt, model, objective, eval_batch, autocast, datasets)
         steps = step_counts(cfg.train, len(loaders.train))
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, steps.per_epoch, steps.total)
-        autocast, amp_warning = autocast_factory(cfg.amp, device)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler(device.type, init_scale=cfg.amp.init_scale,
                                       enabled=cfg.amp.enabled and cfg.amp.dtype == "fp16")
         swa = SWA(model, optimizer, cfg.swa, cfg.train.epochs) if cfg.swa.enabled else None
         state = TrainingState(model, optimizer, scheduler, scaler, swa)
-        eval_batch = functools.partial(data.to_device, device=device, cfg=cfg.data, train=False,
-                                       channels_last=cfg.model.channels_last)
+        validate = functools.partial(evaluate, loader=loaders.val, rt=rt, eval_batch=eval_batch, autocast=autocast,
+                                     objective=objective, inputs=cfg.model.inputs, no_batches=probe.no_batches)
 
         # Resume: rank 0 picks the checkpoint, every rank loads the same file.
-        manager = CheckpointManager(cfg.run_dir / "checkpoints", cfg.checkpoint)
+        manager = CheckpointManager(cfg.run_dir / "checkpoints",
+                                    best_checkpoint_config(cfg.checkpoint, objective, probe.metrics,
+                                                           swa=swa is not None))
         resume_path = distributed.broadcast_object(_resume_path(cfg, manager) if rt.is_main else None, rt)
         position, resumed_rng = state.resume(resume_path, cfg, rt) if resume_path else (Position(), None)
         step = position.step
@@ -94,8 +114,8 @@ def train(cfg: Config) -> dict:
             train_model = torch.compile(train_model, mode=cfg.compile.mode, backend=cfg.compile.backend)
         settle_seconds = None
         if ddp is not None and (cfg.distributed.static_graph or not cfg.distributed.find_unused_parameters):
-            settle_seconds = _settle_gradient_buckets(train_model, model, loaders.train_eval.dataset, eval_batch,
-                                                      autocast, rows=min(cfg.train.batch_size, loaders.train_size))
+            settle_seconds = _settle_gradient_buckets(train_model, model, probe.batch, objective, cfg.model.inputs,
+                                                      autocast, eval_batch)
 
         opened = manager.write_on_rank0(functools.partial(_open_run_dir, cfg, steps.total, step), rt)
         logger = opened if rt.is_main else RunLogger(cfg.run_dir, enabled=False, total_steps=steps.total)
@@ -107,6 +127,8 @@ def train(cfg: Config) -> dict:
                     + (f"; resumed from {resume_path} at epoch {position.epoch}, step {step}" if resume_path else ""))
         if amp_warning:
             logger.info(amp_warning)
+        if swa is not None and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            logger.info("SWA: the model has no BatchNorm, so the average has no statistics to recompute")
         if settle_seconds is not None:
             logger.info(f"DDP gradient buckets settled by one discarded forward/backward in {settle_seconds:.1f} s"
                         + (" (torch.compile's compilation included)" if cfg.compile.enabled else ""))
@@ -136,33 +158,34 @@ def train(cfg: Config) -> dict:
                                             order_workers=position.order_workers if start else None)
             model.train()
             averaging = swa is not None and swa.begin_epoch(epoch)  # then SWALR drives the learning rate
-            losses, throughput, epoch_start, epoch_samples = LossMeter(device), Throughput(), time.perf_counter(), 0
+            losses, throughput, epoch_start = LossMeter(device), Throughput(), time.perf_counter()
+            epoch_counts: Counter = Counter()
 
             for micro in micro_batches(loaders.train, start=start, per_epoch=steps.micro_per_epoch,
                                        accum=cfg.train.accum_steps):
-                images, labels, rows = micro.batch
+                batch, rows = data.prepare_batch(micro.batch, device, cfg.data, train=True,
+                                                 channels_last=cfg.model.channels_last,
+                                                 batch_transform=loaders.batch_transform,
+                                                 augment_seed=data.draw_seed(cfg.run.seed, epoch, micro.index, rt.rank))
                 if ledger is not None:
                     ledger.write(json.dumps({"epoch": epoch, "step": step + 1, "micro": micro.index,
                                              "indices": rows.tolist()}) + "\n")
-                images, labels = data.to_device(images, labels, device, cfg.data, train=True,
-                                                channels_last=cfg.model.channels_last,
-                                                batch_transform=loaders.batch_transform,
-                                                augment_seed=data.draw_seed(cfg.run.seed, epoch, micro.index, rt.rank))
                 if buffers and micro.first_in_window:
                     torch._foreach_copy_(buffers_before_window, buffers)
                 started = time.perf_counter()
                 # The forward too must run under no_sync(): DDP prepares the all-reduce in forward.
                 with ddp.no_sync() if ddp is not None and not micro.last_in_window else contextlib.nullcontext():
                     with autocast():
-                        loss = F.cross_entropy(train_model(images), labels)
+                        loss = checked_loss(objective, train_model(*model_inputs(batch, cfg.model.inputs)), batch)
                     scaler.scale(loss / micro.window_len if micro.window_len > 1 else loss).backward()
                 if compile_pending:
                     compile_pending = False
                     logger.info(f"torch.compile: first step (compilation included) took "
                                 f"{time.perf_counter() - started:.1f} s")
                 losses.add(loss)
-                epoch_samples += labels.numel()
-                throughput.add(labels.numel() * rt.world_size)
+                counts = batch_counts(objective, batch)
+                epoch_counts.update(counts)
+                throughput.add(counts, ranks=rt.world_size)
                 if not micro.last_in_window:
                     continue
 
@@ -202,8 +225,7 @@ def train(cfg: Config) -> dict:
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)  # time finished kernels, not launches
                     logger.step(step, epoch, {"loss": losses.interval_mean(), "lr": optimizer.param_groups[0]["lr"],
-                                              "samples_per_s": throughput.rate_and_reset(),
-                                              "grad_norm": float(grad_norm)})
+                                              **throughput.rates_and_reset(), "grad_norm": float(grad_norm)})
                 reached_max = cfg.train.max_steps is not None and step >= cfg.train.max_steps
                 if stop_signal or reached_max or manager.should_save(step=step, epoch_end=False, epoch=epoch):
                     state.save(manager, cfg, rt, Position(epoch, step, micro.index + 1),
@@ -229,19 +251,18 @@ def train(cfg: Config) -> dict:
             if averaging:
                 swa.end_epoch(model)
             epoch_time = time.perf_counter() - epoch_start
-            record = {"epoch": epoch, "step": step, "train_loss": losses.epoch_mean(rt), "val_loss": None,
-                      "val_acc": None, "lr": optimizer.param_groups[0]["lr"],
-                      "samples_per_s": epoch_samples * rt.world_size / epoch_time, "epoch_time_s": epoch_time,
-                      "skipped_nonfinite_steps": state.skipped["nonfinite"],
+            record = {"epoch": epoch, "step": step, "train_loss": losses.epoch_mean(rt),
+                      **dict.fromkeys(f"val_{name}" for name in probe.metrics), "lr": optimizer.param_groups[0]["lr"],
+                      **{f"{unit}_per_s": n * rt.world_size / epoch_time for unit, n in epoch_counts.items()},
+                      "epoch_time_s": epoch_time, "skipped_nonfinite_steps": state.skipped["nonfinite"],
                       "skipped_scaler_steps": state.skipped["scaler"]}
             last_epoch = epoch == cfg.train.epochs - 1
             if (epoch + 1) % cfg.train.val_every_epochs == 0 or last_epoch:
-                record["val_loss"], record["val_acc"] = evaluate(model, loaders.val, rt, eval_batch, autocast)
+                record.update({f"val_{name}": value for name, value in validate(model).items()})
                 if averaging:
-                    recompute_bn_statistics(swa.model.module, _model_inputs(loaders.train_eval, eval_batch), rt,
-                                            autocast)
-                    record["swa_val_loss"], record["swa_val_acc"] = evaluate(swa.model.module, loaders.val, rt,
-                                                                             eval_batch, autocast)
+                    recompute_bn_statistics(swa.model.module, _model_inputs(loaders.train_eval, eval_batch,
+                                                                            cfg.model.inputs), rt, autocast)
+                    record.update({f"swa_val_{name}": value for name, value in validate(swa.model.module).items()})
             manager.write_on_rank0(functools.partial(logger.epoch, record), rt)
             if manager.should_save(step=step, epoch_end=True, epoch=epoch) or last_epoch:
                 state.save(manager, cfg, rt, Position(epoch + 1, step, 0), metrics=record,
@@ -254,62 +275,150 @@ def train(cfg: Config) -> dict:
         return {**record, "status": status, "step": step}
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, swa: bool = False) -> dict:
-    """Validation loss and accuracy of a checkpoint's weights, on however many processes this was started with."""
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, swa: bool = False, model: ModelSource = None,
+                        objective: Any = None, datasets: Optional[tuple] = None) -> dict:
+    """The validation metrics of a checkpoint's weights (val_<metric>, as training logs them), on however many
+    processes this was started with; `model`, `objective` and `datasets` as for `train`."""
     data.prepare_data(cfg.data)
     with distributed.process_group(cfg.distributed) as rt:
-        loaders, model = _build(cfg, rt)
-        load_weights(model, load_checkpoint(checkpoint), strict=True, key="swa_model" if swa else None)
-        autocast, _ = autocast_factory(cfg.amp, rt.device)
-        eval_batch = functools.partial(data.to_device, device=rt.device, cfg=cfg.data, train=False,
+        objective = _objective(cfg, objective)
+        eval_batch = functools.partial(data.prepare_batch, device=rt.device, cfg=cfg.data, train=False,
                                        channels_last=cfg.model.channels_last)
+        autocast, _ = autocast_factory(cfg.amp, rt.device)
+        loaders, net, probe = _build(cfg, rt, model, objective, eval_batch, autocast, datasets)
+        load_weights(net, load_checkpoint(checkpoint), strict=True, key="swa_model" if swa else None)
         if swa:
-            recompute_bn_statistics(model, _model_inputs(loaders.train_eval, eval_batch), rt, autocast)
-        val_loss, val_acc = evaluate(model, loaders.val, rt, eval_batch, autocast)
-        return {"val_loss": val_loss, "val_acc": val_acc, "world_size": rt.world_size, "rank": rt.rank}
+            recompute_bn_statistics(net, _model_inputs(loaders.train_eval, eval_batch, cfg.model.inputs), rt,
+                                    autocast)
+        metrics = evaluate(net, loader=loaders.val, rt=rt, eval_batch=eval_batch, autocast=autocast,
+                           objective=objective, inputs=cfg.model.inputs, no_batches=probe.no_batches)
+        return {**{f"val_{name}": value for name, value in metrics.items()}, "world_size": rt.world_size,
+                "rank": rt.rank}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, rt: Runtime, eval_batch: Callable, autocast: Callable) -> tuple[float, float]:
-    """Loss and accuracy over the whole validation set: each rank sums over its disjoint shard, the sums are
-    all-reduced, so the figure equals a single process's for the same weights."""
+def evaluate(model: nn.Module, *, loader, rt: Runtime, eval_batch: Callable, autocast: Callable, objective: Any,
+             inputs: list[str], no_batches: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The objective's metrics over the whole validation set: each rank adds up its disjoint shard's sums
+    (float64 or int64), the sums are all-reduced and summarized once, so the figures equal a single process's
+    for the same weights. `no_batches` is what a rank with an empty shard adds: zeros of every sum."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss sum, correct, count
-    for images, labels, _ in loader:
-        images, labels = eval_batch(images, labels)
+    totals = None
+    for raw in loader:
+        batch, _ = eval_batch(raw)
         with autocast():
-            logits = model(images)
-        totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
-        totals[1] += (logits.argmax(dim=1) == labels).sum()
-        totals[2] += labels.numel()
-    loss_sum, correct, count = distributed.all_reduce_sum(totals, rt).tolist()
+            output = model(*model_inputs(batch, inputs))
+        totals = add_sums(totals, objective.evaluate(output, batch))
+    if totals is None:
+        totals = {name: zeros.clone() for name, zeros in no_batches.items()}
+    metrics = objective.summarize(all_reduce_sums(totals, rt))
     model.train(was_training)
-    return loss_sum / count, correct / count
+    return metrics
+
+
+def model_inputs(batch: dict[str, torch.Tensor], names: list[str]) -> tuple[torch.Tensor, ...]:
+    """The model's positional inputs: the batch's fields that model.inputs names, in that order."""
+    try:
+        return tuple(batch[name] for name in names)
+    except KeyError as missing:
+        raise ConfigError(f"model.inputs={names}: the batch has no field {missing.args[0]!r}; its fields are "
+                          f"{sorted(batch)}. Set model.inputs to the fields your model takes (data.fields names "
+                          "them)") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Setup and teardown pieces. Each is a plain function of its arguments.
 
 
-def _build(cfg: Config, rt: Runtime) -> tuple[data.Loaders, nn.Module]:
-    """This rank's loaders and the model on its device, seeded alike on every rank: identical initial weights
-    even before DDP broadcasts rank 0's."""
+@dataclass
+class Probe:
+    """What one batch through the bare model and the objective established before training."""
+    batch: Any  # the first rows of the training split, as the loaders yield a batch
+    metrics: list[str]  # the objective's metric names
+    no_batches: dict[str, torch.Tensor]  # zeros of every validation sum: an empty shard's contribution
+
+
+def _objective(cfg: Config, objective: Any) -> Any:
+    if objective is None:
+        return build_objective(cfg.objective.name, cfg.objective.kwargs)
+    return check_objective(objective)
+
+
+def _build(cfg: Config, rt: Runtime, model: ModelSource, objective: Any, eval_batch: Callable, autocast: Callable,
+           datasets: Optional[tuple]) -> tuple[data.Loaders, nn.Module, Probe]:
+    """This rank's loaders and the model on its device, seeded alike on every rank (identical initial weights
+    even before DDP broadcasts rank 0's), probed with one batch."""
+    classification = isinstance(objective, Classification) and model is None and not is_import_path(cfg.model.name)
     loaders = data.build_dataloaders(
         cfg.data, batch_size=cfg.train.batch_size, val_batch_size=cfg.train.val_batch_size, rank=rt.rank,
-        world_size=rt.world_size, seed=cfg.run.seed, device=rt.device, num_classes=cfg.model.num_classes,
-        in_channels=cfg.model.in_channels, stats_rows=cfg.swa.bn_rows)
+        world_size=rt.world_size, seed=cfg.run.seed, device=rt.device,
+        num_classes=cfg.model.num_classes if classification else None,
+        in_channels=cfg.model.in_channels if model is None else None, stats_rows=cfg.swa.bn_rows)
     distributed.seed_everything(cfg.run.seed)
-    model = models.build_model(cfg.model, example_input_shape=loaders.sample_shape).to(rt.device)
+    net = _instantiate(model, cfg, loaders, rt.device)
     if cfg.distributed.sync_bn and rt.world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return loaders, model
+        net = net.to(memory_format=torch.channels_last)
+    probe_batch = loaders.train_eval.dataset[range(min(cfg.train.batch_size, loaders.train_size))]
+    return loaders, net, _probe(net, objective, probe_batch, eval_batch, autocast, cfg.model.inputs)
 
 
-def _settle_gradient_buckets(train_model: nn.Module, model: nn.Module, dataset, eval_batch: Callable,
-                             autocast: Callable, *, rows: int) -> float:
+def _instantiate(model: ModelSource, cfg: Config, loaders: data.Loaders, device: torch.device) -> nn.Module:
+    if model is None:
+        return models.build_model(cfg.model, example_input_shape=loaders.sample_shape).to(device)
+    built = model if isinstance(model, nn.Module) else model() if callable(model) else model
+    if not isinstance(built, nn.Module):
+        what = f"the model factory {getattr(model, '__name__', model)!r} returned" if callable(model) else "model="
+        raise TypeError(f"{what} a {type(built).__name__}, not a torch.nn.Module: pass a module, or a function or "
+                        "class that builds one")
+    return built.to(device)
+
+
+def _probe(model: nn.Module, objective: Any, raw_batch: Any, eval_batch: Callable, autocast: Callable,
+           inputs: list[str]) -> Probe:
+    """One batch through the bare model, in eval mode and without gradients (no BatchNorm statistic moves; lazy
+    modules get their shapes before DDP and the optimizer see them), and through the objective: a field the
+    model needs and the batch lacks, an output the objective cannot read, a loss that is not a scalar, sums
+    that cannot add up exactly fail here, before any process waits on another."""
+    batch, _ = eval_batch(raw_batch)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast():
+        output = model(*model_inputs(batch, inputs))
+        checked_loss(objective, output, batch)
+        sums = add_sums(None, objective.evaluate(output, batch))
+    model.train(was_training)
+    metrics = list(objective.summarize({name: value.clone() for name, value in sums.items()}))
+    return Probe(batch=raw_batch, metrics=metrics, no_batches={name: torch.zeros_like(v) for name, v in sums.items()})
+
+
+def best_checkpoint_config(cfg: CheckpointConfig, objective: Any, metrics: list[str], *, swa: bool) -> CheckpointConfig:
+    """checkpoint.best_metric and best_mode with "auto" resolved to the objective's choice, and refused (naming
+    the metrics there are) when the objective reports no such metric."""
+    if cfg.best_metric is None:
+        return cfg
+    name, mode = best_metric(objective)
+    metric = f"val_{name}" if cfg.best_metric == "auto" else cfg.best_metric
+    available = ["train_loss", *(f"val_{m}" for m in metrics), *(f"swa_val_{m}" for m in metrics if swa)]
+    if metric not in available:
+        raise ConfigError(f"checkpoint.best_metric={cfg.best_metric!r}: {did_you_mean(metric, available)}the "
+                          f"objective {type(objective).__name__} reports {', '.join(available)}"
+                          + ("" if cfg.best_metric != "auto" else f" (its best = {(name, mode)!r} names none of them)"))
+    if cfg.best_mode == "auto":
+        if metric == "train_loss":
+            mode = "min"
+        elif metric.rpartition("val_")[2] != name:
+            raise ConfigError(f"checkpoint.best_mode=auto: the objective's own choice is for {name!r}, not "
+                              f"{metric!r}; set checkpoint.best_mode to max or min")
+    else:
+        mode = cfg.best_mode
+    return dataclasses.replace(cfg, best_metric=metric, best_mode=mode)
+
+
+def _settle_gradient_buckets(train_model: nn.Module, model: nn.Module, raw_batch: Any, objective: Any,
+                             inputs: list[str], autocast: Callable, eval_batch: Callable) -> float:
     """One synchronized forward/backward whose gradients are discarded and whose BatchNorm updates are undone,
     run by every process that starts, fresh or resumed; returns its seconds.
 
@@ -323,10 +432,9 @@ def _settle_gradient_buckets(train_model: nn.Module, model: nn.Module, dataset, 
     """
     started = time.perf_counter()
     buffers = [b.detach().clone() for b in model.buffers()]
-    images, labels, _ = dataset[range(rows)]
-    images, labels = eval_batch(images, labels)
+    batch, _ = eval_batch(raw_batch)
     with autocast():
-        loss = F.cross_entropy(train_model(images), labels)
+        loss = checked_loss(objective, train_model(*model_inputs(batch, inputs)), batch)
     loss.backward()
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -335,9 +443,9 @@ def _settle_gradient_buckets(train_model: nn.Module, model: nn.Module, dataset, 
     return time.perf_counter() - started
 
 
-def _model_inputs(loader, eval_batch: Callable) -> Callable:
+def _model_inputs(loader, eval_batch: Callable, inputs: list[str]) -> Callable:
     """The model's inputs of every batch of `loader`, prepared for evaluation, as recompute_bn_statistics takes them."""
-    return lambda: ((eval_batch(images, labels)[0],) for images, labels, _ in loader)
+    return lambda: (model_inputs(eval_batch(raw)[0], inputs) for raw in loader)
 
 
 def _clip_or_measure(model: nn.Module, clip_norm: float | None) -> torch.Tensor:

@@ -74,12 +74,13 @@ def _row_ids(rows, length: int, split: SplitInfo) -> np.ndarray:
     return rows
 
 
-def load_labels(split: SplitInfo, num_classes: int) -> torch.Tensor:
-    """All labels of the split as an int64 tensor in shared memory, checked to lie in [0, num_classes)."""
+def load_labels(split: SplitInfo, num_classes: Optional[int]) -> torch.Tensor:
+    """All labels of the split as an int64 tensor in shared memory, checked to lie in [0, num_classes) when
+    `num_classes` is given (the built-in classification setup)."""
     with open_h5(split.path) as f:
         labels = split.dataset(f, "labels")[()]
     low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
+    if num_classes is not None and (low < 0 or high >= num_classes):
         bad = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
         raise DataError(f"{split.path}: '{split.labels_path}' holds labels {low}..{high} (row {bad} is "
                         f"{int(labels[bad])}) but model.num_classes is {num_classes}; labels must be class "

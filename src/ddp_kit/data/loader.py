@@ -55,7 +55,7 @@ def init_worker(worker_id: int, *, seed: int, rank: int, sharing_strategy: str) 
     protect_dataloader_worker()
 
 
-def _check_shapes(train: SplitInfo, val: SplitInfo, in_channels: int) -> None:
+def _check_shapes(train: SplitInfo, val: SplitInfo, in_channels: Optional[int]) -> None:
     for split in (train, val):
         _check_channels(split, in_channels)
     if train.image_shape != val.image_shape:
@@ -64,8 +64,8 @@ def _check_shapes(train: SplitInfo, val: SplitInfo, in_channels: int) -> None:
                         "same image size")
 
 
-def _check_channels(split: SplitInfo, in_channels: int) -> None:
-    if split.channels == in_channels:
+def _check_channels(split: SplitInfo, in_channels: Optional[int]) -> None:
+    if in_channels is None or split.channels == in_channels:
         return
     hint = "fix model.in_channels or convert the images"
     if split.layout == "NCHW" and split.row_shape[-1] == in_channels:
@@ -78,7 +78,7 @@ def _chunks_spanned(rows: int, split: SplitInfo) -> int:
     return math.ceil(rows / split.chunk_rows) if split.chunk_rows else 1
 
 
-def _dataset(split: SplitInfo, cfg: DataConfig, *, num_classes: int, shuffle: str, batch_size: int,
+def _dataset(split: SplitInfo, cfg: DataConfig, *, num_classes: Optional[int], shuffle: str, batch_size: int,
              block_rows: int) -> Dataset:
     """The dataset for one split, its reads tuned to the sampler's `shuffle` mode (chunk, full or none)."""
     labels = load_labels(split, num_classes)
@@ -166,7 +166,7 @@ def train_batches_per_epoch(cfg: DataConfig, *, batch_size: int, world_size: int
 
 
 def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, rank: int, world_size: int,
-                      seed: int, device: torch.device, num_classes: int, in_channels: int,
+                      seed: int, device: torch.device, num_classes: Optional[int], in_channels: Optional[int],
                       stats_rows: Optional[int] = None) -> Loaders:
     """Validate the splits against the model and build this rank's training and validation loaders;
     `train_eval` covers the first `stats_rows` training rows (all if None).
