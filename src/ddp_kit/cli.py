@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=3 optim.lr=0.1")
     train.set_defaults(func=_train)
 
-    evaluate = commands.add_parser("evaluate", help="validation loss/accuracy of a checkpoint's weights")
+    evaluate = commands.add_parser("evaluate", help="the objective's validation metrics of a checkpoint's weights")
     evaluate.add_argument("--config", required=True)
     evaluate.add_argument("--checkpoint", required=True, help="a ddp_kit checkpoint or any file load_weights reads")
     evaluate.add_argument("--swa", action="store_true", help="evaluate the SWA weights (BatchNorm recomputed)")
@@ -99,14 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .distributed import PeerFailed
     from .files import WriteError
+    from .objectives import ObjectiveError
     from .state import ResumeError
     from .train import NonFiniteLossError
     from .verify import VerifyError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, ResumeError, NonFiniteLossError, VerifyError, WriteError,
-            PeerFailed) as exc:
+    except (ConfigError, DataError, CheckpointError, ObjectiveError, ResumeError, NonFiniteLossError, VerifyError,
+            WriteError, PeerFailed) as exc:
         print(f"ddp-kit: error: {exc}", file=sys.stderr, flush=True)
         return 1
 

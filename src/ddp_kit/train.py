@@ -62,7 +62,10 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
 
     Returns the last epoch's metrics, with "status": "completed" | "preempted" | "max_steps"."""
     # ------------------------------------------------------------------ setup
-    data.prepare_data(cfg.data)  # before the process group: one process builds the demo file, others wait
+    # Before the process group: one process builds the demo file while the others wait, and a model or objective
+    # that does not resolve fails here, in seconds, not after every rank has started.
+    data.prepare_data(cfg.data)
+    build_net, objective = _model_factory(cfg, model), _objective(cfg, objective)
     stop = StopSignals(cfg.preemption.signals, deadline_s=cfg.preemption.term_deadline_s)
     with contextlib.ExitStack() as teardown:
         teardown.callback(stop.restore)
@@ -76,11 +79,11 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
             torch.use_deterministic_algorithms(True)
         torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)
 
-        objective = _objective(cfg, objective)
         eval_batch = functools.partial(data.prepare_batch, device=device, cfg=cfg.data, train=False,
                                        channels_last=cfg.model.channels_last)
         autocast, amp_warning = autocast_factory(cfg.amp, device)
-        loaders, model, probe = _build(cfg, rt, model, objective, eval_batch, autocast, datasets)
+        loaders, model, probe = _build(cfg, rt, build_net, objective, eval_batch, autocast, datasets,
+                                     builtin_model=model is None and not is_import_path(cfg.model.name))
         steps = step_counts(cfg.train, len(loaders.train))
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, steps.per_epoch, steps.total)
@@ -115,7 +118,7 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
         settle_seconds = None
         if ddp is not None and (cfg.distributed.static_graph or not cfg.distributed.find_unused_parameters):
             settle_seconds = _settle_gradient_buckets(train_model, model, probe.batch, objective, cfg.model.inputs,
-                                                      autocast, eval_batch)
+                                                      autocast, eval_batch, static_graph=cfg.distributed.static_graph)
 
         opened = manager.write_on_rank0(functools.partial(_open_run_dir, cfg, steps.total, step), rt)
         logger = opened if rt.is_main else RunLogger(cfg.run_dir, enabled=False, total_steps=steps.total)
@@ -280,12 +283,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, swa: bool = Fals
     """The validation metrics of a checkpoint's weights (val_<metric>, as training logs them), on however many
     processes this was started with; `model`, `objective` and `datasets` as for `train`."""
     data.prepare_data(cfg.data)
+    build_net, objective = _model_factory(cfg, model), _objective(cfg, objective)
     with distributed.process_group(cfg.distributed) as rt:
-        objective = _objective(cfg, objective)
         eval_batch = functools.partial(data.prepare_batch, device=rt.device, cfg=cfg.data, train=False,
                                        channels_last=cfg.model.channels_last)
         autocast, _ = autocast_factory(cfg.amp, rt.device)
-        loaders, net, probe = _build(cfg, rt, model, objective, eval_batch, autocast, datasets)
+        loaders, net, probe = _build(cfg, rt, build_net, objective, eval_batch, autocast, datasets,
+                                     builtin_model=model is None and not is_import_path(cfg.model.name))
         load_weights(net, load_checkpoint(checkpoint), strict=True, key="swa_model" if swa else None)
         if swa:
             recompute_bn_statistics(net, _model_inputs(loaders.train_eval, eval_batch, cfg.model.inputs), rt,
@@ -345,35 +349,41 @@ def _objective(cfg: Config, objective: Any) -> Any:
     return check_objective(objective)
 
 
-def _build(cfg: Config, rt: Runtime, model: ModelSource, objective: Any, eval_batch: Callable, autocast: Callable,
-           datasets: Optional[tuple]) -> tuple[data.Loaders, nn.Module, Probe]:
+def _model_factory(cfg: Config, model: ModelSource) -> Callable[[], nn.Module]:
+    """A function building the model: `model` as train() takes it, or cfg.model's (resolved and checked now)."""
+    if model is None:
+        return models.model_factory(cfg.model)
+    if isinstance(model, nn.Module):
+        return lambda: model
+    if not callable(model):
+        raise TypeError(f"model={model!r}: pass an nn.Module, or a function or class that builds one")
+    return model
+
+
+def _build(cfg: Config, rt: Runtime, build_net: Callable[[], nn.Module], objective: Any, eval_batch: Callable,
+           autocast: Callable, datasets: Optional[tuple], *, builtin_model: bool
+           ) -> tuple[data.Loaders, nn.Module, Probe]:
     """This rank's loaders and the model on its device, seeded alike on every rank (identical initial weights
-    even before DDP broadcasts rank 0's), probed with one batch."""
-    classification = isinstance(objective, Classification) and model is None and not is_import_path(cfg.model.name)
+    even before DDP broadcasts rank 0's), probed with one batch (which also gives lazy modules their shapes).
+    `builtin_model`: cfg.model names a built-in or torchvision model, whose num_classes and in_channels the data
+    is checked against."""
     loaders = data.build_dataloaders(
         cfg.data, batch_size=cfg.train.batch_size, val_batch_size=cfg.train.val_batch_size, rank=rt.rank,
         world_size=rt.world_size, seed=cfg.run.seed, device=rt.device,
-        num_classes=cfg.model.num_classes if classification else None,
-        in_channels=cfg.model.in_channels if model is None else None, stats_rows=cfg.swa.bn_rows)
+        num_classes=cfg.model.num_classes if builtin_model and isinstance(objective, Classification) else None,
+        in_channels=cfg.model.in_channels if builtin_model else None, stats_rows=cfg.swa.bn_rows)
     distributed.seed_everything(cfg.run.seed)
-    net = _instantiate(model, cfg, loaders, rt.device)
+    net = build_net()
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"the model factory {getattr(build_net, '__qualname__', build_net)!r} returned a "
+                        f"{type(net).__name__}, not a torch.nn.Module: it must build and return the module")
+    net = net.to(rt.device)
     if cfg.distributed.sync_bn and rt.world_size > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if cfg.model.channels_last:
         net = net.to(memory_format=torch.channels_last)
     probe_batch = loaders.train_eval.dataset[range(min(cfg.train.batch_size, loaders.train_size))]
     return loaders, net, _probe(net, objective, probe_batch, eval_batch, autocast, cfg.model.inputs)
-
-
-def _instantiate(model: ModelSource, cfg: Config, loaders: data.Loaders, device: torch.device) -> nn.Module:
-    if model is None:
-        return models.build_model(cfg.model, example_input_shape=loaders.sample_shape).to(device)
-    built = model if isinstance(model, nn.Module) else model() if callable(model) else model
-    if not isinstance(built, nn.Module):
-        what = f"the model factory {getattr(model, '__name__', model)!r} returned" if callable(model) else "model="
-        raise TypeError(f"{what} a {type(built).__name__}, not a torch.nn.Module: pass a module, or a function or "
-                        "class that builds one")
-    return built.to(device)
 
 
 def _probe(model: nn.Module, objective: Any, raw_batch: Any, eval_batch: Callable, autocast: Callable,
@@ -418,7 +428,8 @@ def best_checkpoint_config(cfg: CheckpointConfig, objective: Any, metrics: list[
 
 
 def _settle_gradient_buckets(train_model: nn.Module, model: nn.Module, raw_batch: Any, objective: Any,
-                             inputs: list[str], autocast: Callable, eval_batch: Callable) -> float:
+                             inputs: list[str], autocast: Callable, eval_batch: Callable, *,
+                             static_graph: bool) -> float:
     """One synchronized forward/backward whose gradients are discarded and whose BatchNorm updates are undone,
     run by every process that starts, fresh or resumed; returns its seconds.
 
@@ -436,6 +447,13 @@ def _settle_gradient_buckets(train_model: nn.Module, model: nn.Module, raw_batch
     with autocast():
         loss = checked_loss(objective, train_model(*model_inputs(batch, inputs)), batch)
     loss.backward()
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if unused and not static_graph:
+        # DDP would fail the next forward with "Expected to have finished reduction in the prior iteration".
+        raise ConfigError(f"the model has parameters that get no gradient from the loss ({', '.join(unused[:5])}"
+                          f"{', ...' if len(unused) > 5 else ''}; {len(unused)} in all): DDP must be told to look for "
+                          "them each step, set distributed.find_unused_parameters=true (slower), or remove them from "
+                          "the model or make the loss use them")
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for buffer, saved in zip(model.buffers(), buffers):

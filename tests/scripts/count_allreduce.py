@@ -1,6 +1,7 @@
 """Train under torchrun with a DDP communication hook that counts gradient all-reduces, and write per-rank
 counts (bucket all-reduces, the buckets of each synchronized backward, training forwards) to <run_dir>/allreduce_rank<R>.json. Usage: count_allreduce.py CONFIG [overrides...]"""
 
+import importlib
 import json
 import os
 import sys
@@ -8,8 +9,10 @@ import sys
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import ddp_kit.train as train_module
 from ddp_kit.config import load_config
+
+# the module, not ddp_kit.train the function that the package exports under the same name
+train_module = importlib.import_module("ddp_kit.train")
 
 counts = {"allreduces": 0, "forwards": 0, "buckets_per_reduction": []}
 pending = [0]

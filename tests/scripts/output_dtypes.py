@@ -4,21 +4,18 @@
 import json
 import sys
 
-import ddp_kit.models
-import ddp_kit.train
-from ddp_kit.config import load_config
+import ddp_kit
+from ddp_kit.models import build_model
 
 seen = set()
-build_model = ddp_kit.models.build_model
 
 
-def build_and_watch(*args, **kwargs):
-    model = build_model(*args, **kwargs)
+def watched_model(cfg):
+    model = build_model(cfg.model)
     model.register_forward_hook(lambda module, inputs, output: seen.add(str(output.dtype)) if module.training else None)
     return model
 
 
-ddp_kit.models.build_model = build_and_watch
-cfg = load_config(sys.argv[1], sys.argv[2:])
-ddp_kit.train.train(cfg)
+cfg = ddp_kit.load_config(sys.argv[1], sys.argv[2:])
+ddp_kit.train(cfg, model=lambda: watched_model(cfg))
 (cfg.run_dir / "output_dtypes.json").write_text(json.dumps(sorted(seen)))
