@@ -22,7 +22,8 @@ checkpoints too (checkpoint.every_epochs=0: only the final one, after the timed 
 
 Variants (vs the same loop's `base`, and each vs `hand` in the same variant): amp (bf16 autocast), accum
 (train.accum_steps=4, the tiny model), compile (torch.compile, inductor, the tiny model), threads (one
-process, twice the torch threads) and 2proc (torchrun, 2 processes of --threads each, DDP over gloo).
+process, twice the torch threads), 2proc and 4proc (torchrun, 2 or 4 processes of --threads each, DDP over
+gloo; 4 on 2 cores oversubscribes them, which is what 4 processes on 2 cores cost).
 `base` runs every process with --threads (default 1) torch threads, so on a 2-core machine `threads` and
 `2proc` both use the whole machine, one with intra-op threads, the other with data parallelism.
 
@@ -54,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -63,8 +65,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 RESULT_TAG = "OVERHEAD_RESULT "
+# ddp_kit's log line for the one discarded forward/backward that settles DDP's buckets (exact resume at 3+ ranks)
+SETTLE_LINE = re.compile(r"gradient buckets settled by one discarded forward/backward in ([0-9.]+) s")
 LOOPS = ("hand", "hand-index", "ddp_kit-mem", "ddp_kit-h5", "lightning", "accelerate")
-VARIANTS = ("base", "amp", "accum", "compile", "threads", "2proc")
+VARIANTS = ("base", "amp", "accum", "compile", "threads", "2proc", "4proc")
 MODELS = {"tiny": "mlp", "cnn": "small_cnn"}
 LR, MOMENTUM = 0.05, 0.9
 MEAN, STD = 0.5, 0.5  # ddp_kit's default data.mean / data.std, applied the same way by every loop
@@ -382,6 +386,7 @@ class Measurement:
     by_repeat: dict = field(default_factory=dict)  # repeat -> steady-state samples/s (for paired ratios)
     losses: list = field(default_factory=list)  # last epoch's mean training loss, one per repeat
     warmups: list = field(default_factory=list)  # seconds of the first (untimed) epoch, one per repeat
+    settle_shares: list = field(default_factory=list)  # ddp_kit under DDP: bucket settling / (it + all epochs)
     errors: list = field(default_factory=list)
 
     @property
@@ -418,6 +423,7 @@ def build_cases(args) -> list[Case]:
         for loop in pair:
             add(loop, "threads", threads=args.threads * 2)
             add(loop, "2proc", nproc=2)
+            add(loop, "4proc", nproc=4)
     return cases
 
 
@@ -445,7 +451,8 @@ def run_case(case: Case, python: str, timeout: float, inductor_cache: Path) -> t
     if proc.returncode != 0:
         return None, f"exit {proc.returncode}: " + (proc.stderr or proc.stdout)[-2000:]
     if case.loop.startswith("ddp_kit"):
-        return {"epochs": read_ddp_kit_metrics(case)}, ""
+        settled = SETTLE_LINE.search(proc.stdout)
+        return {"epochs": read_ddp_kit_metrics(case), "settle_s": float(settled.group(1)) if settled else None}, ""
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):]), ""
@@ -504,7 +511,7 @@ def main() -> None:
     parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="base; amp (bf16 autocast); accum (accum_steps=4, tiny model); compile (tiny model); "
-                             "threads (1 process, 2x the threads); 2proc (torchrun, 2 processes)")
+                             "threads (1 process, 2x the threads); 2proc, 4proc (torchrun, 2 or 4 processes)")
     parser.add_argument("--framework-variants", action="store_true",
                         help="also run Lightning and Accelerate with amp and accum (default: base only)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every configuration; the median counts")
@@ -572,6 +579,9 @@ def main() -> None:
                 m.by_repeat[repeat] = rate
                 m.losses.append(result["epochs"][-1][2])
                 m.warmups.append(result["epochs"][0][1])
+                settle = result.get("settle_s")
+                if settle is not None:
+                    m.settle_shares.append(settle / (settle + sum(e[1] for e in result["epochs"])))
                 print(f"[{repeat + 1}/{args.repeats}] {m.case.label:28} n={m.case.nproc} {rate:10,.0f} samples/s "
                       f"(run {wall:5.1f} s, load {loadavg()})", flush=True)
         elapsed = time.perf_counter() - started
@@ -580,6 +590,13 @@ def main() -> None:
           f"{args.repeats}; torch {torch.__version__}, {os.cpu_count()} CPUs; total {elapsed / 60:.1f} min, "
           f"load average at the end {loadavg()}\n")
     print_table(measurements)
+    settling = [m for m in measurements if m.settle_shares]
+    if settling:
+        print("\nddp_kit's one discarded forward/backward before the first step (DDP buckets settled, so that resume "
+              "is exact at 3+ processes), as a share of the run's training time (it + every epoch):\n")
+        for m in settling:
+            print(f"- {m.case.label} ({m.case.nproc} processes): median {statistics.median(m.settle_shares):.3%}, "
+                  f"max {max(m.settle_shares):.3%}")
     if args.json:
         raw = [{**asdict(m.case), "rates": m.rates, "by_repeat": m.by_repeat, "losses": m.losses,
                 "warmups": m.warmups, "errors": m.errors} for m in measurements]

@@ -133,7 +133,7 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
         if swa is not None and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             logger.info("SWA: the model has no BatchNorm, so the average has no statistics to recompute")
         if settle_seconds is not None:
-            logger.info(f"DDP gradient buckets settled by one discarded forward/backward in {settle_seconds:.1f} s"
+            logger.info(f"DDP gradient buckets settled by one discarded forward/backward in {settle_seconds:.3f} s"
                         + (" (torch.compile's compilation included)" if cfg.compile.enabled else ""))
         ledger = _open_ledger(cfg.run_dir, rt) if cfg.train.record_sample_ids else None
         if ledger is not None:
