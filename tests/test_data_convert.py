@@ -69,7 +69,7 @@ def test_npz_converter_shuffles_rows_keeps_pairs_and_guesses_layout(tmp_path):
     assert sorted(rows) == list(range(50)) and rows.tolist() != list(range(50)), "stored in a shuffled order"
     np.testing.assert_array_equal(images, x_train[rows])
     np.testing.assert_array_equal(labels, y_train[rows])
-    assert describe_split(tmp_path / "d.h5", group="val").layout == "NHWC"
+    assert describe_split(tmp_path / "d.h5", group="val").field("image").layout == "NHWC"
     convert_npz(tmp_path / "a.npz", tmp_path / "d.h5", splits={"train": ("x_test", "y_test")}, shuffle_seed=None)
     np.testing.assert_array_equal(stored(tmp_path / "d.h5", "train")[0], x_test)
 
@@ -156,7 +156,7 @@ def run_cli(*argv):
 
 def test_cli_commands(tmp_path, capsys):
     assert run_cli("data", "digits", str(tmp_path / "digits.h5"), "--compression", "lzf") == 0
-    assert describe_split(tmp_path / "digits.h5", group="val").compressed
+    assert describe_split(tmp_path / "digits.h5", group="val").field("image").compressed
     x, y = make_arrays(12, (5, 5))
     np.savez(tmp_path / "a.npz", x=x, y=y, vx=x[:4], vy=y[:4])
     assert run_cli("data", "npz", str(tmp_path / "a.npz"), str(tmp_path / "n.h5"), "--images-key", "x",
@@ -165,7 +165,7 @@ def test_cli_commands(tmp_path, capsys):
     make_image_folder(tmp_path / "tree")
     assert run_cli("data", "imagefolder", str(tmp_path / "tree"), str(tmp_path / "n.h5"), "--size", "8",
                    "--group", "extra", "--append", "--workers", "0") == 0
-    assert describe_split(tmp_path / "n.h5", group="extra").row_shape == (3, 8, 8)
+    assert describe_split(tmp_path / "n.h5", group="extra").field("image").row_shape == (3, 8, 8)
     capsys.readouterr()
     assert run_cli("data", "inspect", str(tmp_path / "n.h5")) == 0
     out = capsys.readouterr().out

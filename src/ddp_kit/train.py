@@ -353,8 +353,9 @@ def _build(cfg: Config, rt: Runtime, model: ModelSource, objective: Any, eval_ba
     loaders = data.build_dataloaders(
         cfg.data, batch_size=cfg.train.batch_size, val_batch_size=cfg.train.val_batch_size, rank=rt.rank,
         world_size=rt.world_size, seed=cfg.run.seed, device=rt.device,
-        num_classes=cfg.model.num_classes if classification else None,
-        in_channels=cfg.model.in_channels if model is None else None, stats_rows=cfg.swa.bn_rows)
+        class_counts={"label": cfg.model.num_classes} if classification else None,
+        image_channels=cfg.model.in_channels if model is None else None, datasets=datasets,
+        stats_rows=cfg.swa.bn_rows)
     distributed.seed_everything(cfg.run.seed)
     net = _instantiate(model, cfg, loaders, rt.device)
     if cfg.distributed.sync_bn and rt.world_size > 1:
