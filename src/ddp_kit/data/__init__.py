@@ -23,7 +23,7 @@ from ddp_kit.data.prepare import create_once, prepare_data
 from ddp_kit.data.sampler import ShardBatchSampler, TrainBatchSampler
 from ddp_kit.data.seeding import draw_seed, seeded
 from ddp_kit.data.user import UserDataset
-from ddp_kit.data.writer import write_fields, write_h5
+from ddp_kit.data.writer import write_fields, write_h5, write_tokens
 
 __all__ = [
     "DataError",
@@ -51,4 +51,5 @@ __all__ = [
     "write_digits",
     "write_fields",
     "write_h5",
+    "write_tokens",
 ]

@@ -208,6 +208,19 @@ def write_fields(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], *, g
                            attrs=attrs)
 
 
+def write_tokens(path: str | os.PathLike, tokens: np.ndarray, *, group: str = "", key: str = "tokens",
+                 chunk_rows: Optional[int] = None, compression: Optional[str] = None,
+                 append_group: bool = False) -> None:
+    """Write a 1-D integer token stream as the dataset `key` of the split `group` (read with data.tokens: key
+    and data.context_length); chunked in ~1 MiB of tokens unless `chunk_rows` (tokens per chunk) is given."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+        raise DataError(f"{path}: tokens for '{group or '/'}' must be a 1-D integer array of token ids, got shape "
+                        f"{tokens.shape} and dtype {tokens.dtype}")
+    write_fields(path, {key: tokens}, group=group, chunk_rows=chunk_rows, compression=compression,
+                 append_group=append_group)
+
+
 def write_h5(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, *, group: str = "",
              layout: str = "NCHW", chunk_rows: Optional[int] = None, compression: Optional[str] = None,
              class_names: Optional[Sequence[str]] = None, attrs: Optional[Mapping[str, object]] = None,
