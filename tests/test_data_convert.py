@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import make_arrays
+from data_helpers import data_config, loaders, make_arrays
 from ddp_kit.data import (DataError, convert_imagefolder, convert_npz, describe_split, inspect_h5, register_cli,
                           write_h5)
 
@@ -172,3 +172,32 @@ def test_cli_commands(tmp_path, capsys):
     assert "extra/" in out and "train/" in out and "val/" in out
     with pytest.raises(SystemExit):
         run_cli("data")
+
+
+def test_npz_fields_cli_writes_any_named_arrays_in_one_shuffled_order(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4)).astype(np.float32)
+    x[:, 0] = np.arange(30)
+    y, w = x[:, 1:3] * 2, np.arange(30, dtype=np.int16)
+    np.savez(tmp_path / "r.npz", X=x, Y=y, w=w, vX=x[:9], vY=y[:9], vw=w[:9])
+    assert run_cli("data", "npz", str(tmp_path / "r.npz"), str(tmp_path / "r.h5"), "--field", "features=X",
+                   "--field", "target=Y", "--field", "w", "--chunk-rows", "8") == 0
+    assert run_cli("data", "npz", str(tmp_path / "r.npz"), str(tmp_path / "r.h5"), "--group", "val", "--append",
+                   "--field", "features=vX", "--field", "target=vY", "--field", "w=vw", "--no-shuffle") == 0
+    with h5py.File(tmp_path / "r.h5") as f:
+        features, target, weight = (f["train"][key][()] for key in ("features", "target", "w"))
+        assert f["train/features"].chunks == (8, 4) and weight.dtype == np.int16
+    rows = features[:, 0].astype(int)
+    assert sorted(rows) == list(range(30)) and rows.tolist() != list(range(30)), "shuffled"
+    np.testing.assert_array_equal(target, y[rows])
+    np.testing.assert_array_equal(weight, w[rows]), "every array in the same order"
+    cfg = data_config(tmp_path / "r.h5", fields={"features": "features", "target": "target", "weight": "w"})
+    assert loaders(cfg, num_classes=None, in_channels=None).field_shapes == {"features": (4,), "target": (2,),
+                                                                             "weight": ()}
+    np.savez(tmp_path / "t.npz", X=x, Y=y)
+    assert run_cli("data", "npz", str(tmp_path / "t.npz"), str(tmp_path / "all.h5"), "--all-arrays") == 0
+    with h5py.File(tmp_path / "all.h5") as f:
+        assert sorted(f["train"]) == ["X", "Y"]
+        np.testing.assert_array_equal(f["train/Y"][()], y[f["train/X"][:, 0].astype(int)])
+    with pytest.raises(DataError, match="no array 'Z'; the archive has: X, Y, w"):
+        run_cli("data", "npz", str(tmp_path / "r.npz"), str(tmp_path / "z.h5"), "--field", "a=Z")

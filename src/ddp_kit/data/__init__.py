@@ -12,7 +12,7 @@ Converters, inspection and `register_cli` back the `ddp-kit data ...` commands. 
 """
 
 from ddp_kit.data.cli import register_cli
-from ddp_kit.data.convert import convert_imagefolder, convert_npz, write_digits
+from ddp_kit.data.convert import convert_imagefolder, convert_npz, convert_npz_fields, write_digits
 from ddp_kit.data.dataset import H5Dataset
 from ddp_kit.data.device import prepare_batch, prepare_images, to_device
 from ddp_kit.data.errors import DataError
@@ -38,6 +38,7 @@ __all__ = [
     "convert_imagefolder",
     "create_once",
     "convert_npz",
+    "convert_npz_fields",
     "describe_split",
     "draw_seed",
     "inspect_h5",
