@@ -117,7 +117,7 @@ def make_loader(method: str, path: Path, workers: int, batch_size: int, **data_s
     cfg = DataConfig(path=str(path), num_workers=workers, shuffle="full" if method == "full" else "chunk",
                      in_memory=method == "in-memory", **data_settings)
     built = build_dataloaders(cfg, batch_size=batch_size, val_batch_size=batch_size, rank=0, world_size=1, seed=0,
-                              device=torch.device("cpu"), num_classes=10, in_channels=3)
+                              device=torch.device("cpu"), class_counts={"label": 10}, image_channels=3)
     return built.train, built.train_sampler.set_epoch
 
 

@@ -38,11 +38,21 @@ def data_config(path: Path, **overrides) -> DataConfig:
 
 
 def loaders(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, batch_size: int = 8, val_batch_size: int = 16,
-            seed: int = 0, num_classes: int = 10, in_channels: int = 3, stats_rows: int | None = None) -> Loaders:
-    """build_dataloaders on the CPU, by default for the 3-channel, 10-class files above."""
+            seed: int = 0, num_classes: int | None = 10, in_channels: int | None = 3, stats_rows: int | None = None,
+            class_counts: dict | None = None, **kwargs) -> Loaders:
+    """build_dataloaders on the CPU, by default for the 3-channel, 10-class files above (class_counts
+    {"label": num_classes} unless given); `kwargs` go to build_dataloaders (e.g. datasets=)."""
+    if class_counts is None and num_classes is not None:
+        class_counts = {"label": num_classes}
     return build_dataloaders(cfg, batch_size=batch_size, val_batch_size=val_batch_size, rank=rank,
-                             world_size=world_size, seed=seed, device=torch.device("cpu"), num_classes=num_classes,
-                             in_channels=in_channels, stats_rows=stats_rows)
+                             world_size=world_size, seed=seed, device=torch.device("cpu"), class_counts=class_counts,
+                             image_channels=in_channels, stats_rows=stats_rows, **kwargs)
+
+
+def triples(batches):
+    """(images, labels, row ids) of each (fields, row ids) batch of the classification files above."""
+    for fields, rows in batches:
+        yield fields["image"], fields["label"], rows
 
 
 def refused(cfg: DataConfig, *fragments: str, only_when_loading: bool = False, **loader_kwargs) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import make_arrays
+from data_helpers import data_config, loaders, make_arrays
 from ddp_kit.data import (DataError, convert_imagefolder, convert_npz, describe_split, inspect_h5, register_cli,
                           write_h5)
 
@@ -69,7 +69,7 @@ def test_npz_converter_shuffles_rows_keeps_pairs_and_guesses_layout(tmp_path):
     assert sorted(rows) == list(range(50)) and rows.tolist() != list(range(50)), "stored in a shuffled order"
     np.testing.assert_array_equal(images, x_train[rows])
     np.testing.assert_array_equal(labels, y_train[rows])
-    assert describe_split(tmp_path / "d.h5", group="val").layout == "NHWC"
+    assert describe_split(tmp_path / "d.h5", group="val").field("image").layout == "NHWC"
     convert_npz(tmp_path / "a.npz", tmp_path / "d.h5", splits={"train": ("x_test", "y_test")}, shuffle_seed=None)
     np.testing.assert_array_equal(stored(tmp_path / "d.h5", "train")[0], x_test)
 
@@ -156,7 +156,7 @@ def run_cli(*argv):
 
 def test_cli_commands(tmp_path, capsys):
     assert run_cli("data", "digits", str(tmp_path / "digits.h5"), "--compression", "lzf") == 0
-    assert describe_split(tmp_path / "digits.h5", group="val").compressed
+    assert describe_split(tmp_path / "digits.h5", group="val").field("image").compressed
     x, y = make_arrays(12, (5, 5))
     np.savez(tmp_path / "a.npz", x=x, y=y, vx=x[:4], vy=y[:4])
     assert run_cli("data", "npz", str(tmp_path / "a.npz"), str(tmp_path / "n.h5"), "--images-key", "x",
@@ -165,10 +165,39 @@ def test_cli_commands(tmp_path, capsys):
     make_image_folder(tmp_path / "tree")
     assert run_cli("data", "imagefolder", str(tmp_path / "tree"), str(tmp_path / "n.h5"), "--size", "8",
                    "--group", "extra", "--append", "--workers", "0") == 0
-    assert describe_split(tmp_path / "n.h5", group="extra").row_shape == (3, 8, 8)
+    assert describe_split(tmp_path / "n.h5", group="extra").field("image").row_shape == (3, 8, 8)
     capsys.readouterr()
     assert run_cli("data", "inspect", str(tmp_path / "n.h5")) == 0
     out = capsys.readouterr().out
     assert "extra/" in out and "train/" in out and "val/" in out
     with pytest.raises(SystemExit):
         run_cli("data")
+
+
+def test_npz_fields_cli_writes_any_named_arrays_in_one_shuffled_order(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4)).astype(np.float32)
+    x[:, 0] = np.arange(30)
+    y, w = x[:, 1:3] * 2, np.arange(30, dtype=np.int16)
+    np.savez(tmp_path / "r.npz", X=x, Y=y, w=w, vX=x[:9], vY=y[:9], vw=w[:9])
+    assert run_cli("data", "npz", str(tmp_path / "r.npz"), str(tmp_path / "r.h5"), "--field", "features=X",
+                   "--field", "target=Y", "--field", "w", "--chunk-rows", "8") == 0
+    assert run_cli("data", "npz", str(tmp_path / "r.npz"), str(tmp_path / "r.h5"), "--group", "val", "--append",
+                   "--field", "features=vX", "--field", "target=vY", "--field", "w=vw", "--no-shuffle") == 0
+    with h5py.File(tmp_path / "r.h5") as f:
+        features, target, weight = (f["train"][key][()] for key in ("features", "target", "w"))
+        assert f["train/features"].chunks == (8, 4) and weight.dtype == np.int16
+    rows = features[:, 0].astype(int)
+    assert sorted(rows) == list(range(30)) and rows.tolist() != list(range(30)), "shuffled"
+    np.testing.assert_array_equal(target, y[rows])
+    np.testing.assert_array_equal(weight, w[rows]), "every array in the same order"
+    cfg = data_config(tmp_path / "r.h5", fields={"features": "features", "target": "target", "weight": "w"})
+    assert loaders(cfg, num_classes=None, in_channels=None).field_shapes == {"features": (4,), "target": (2,),
+                                                                             "weight": ()}
+    np.savez(tmp_path / "t.npz", X=x, Y=y)
+    assert run_cli("data", "npz", str(tmp_path / "t.npz"), str(tmp_path / "all.h5"), "--all-arrays") == 0
+    with h5py.File(tmp_path / "all.h5") as f:
+        assert sorted(f["train"]) == ["X", "Y"]
+        np.testing.assert_array_equal(f["train/Y"][()], y[f["train/X"][:, 0].astype(int)])
+    with pytest.raises(DataError, match="no array 'Z'; the archive has: X, Y, w"):
+        run_cli("data", "npz", str(tmp_path / "r.npz"), str(tmp_path / "z.h5"), "--field", "a=Z")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from data_helpers import data_config, loaders, make_arrays, make_file
-from ddp_kit.data import H5ImageDataset, describe_split, write_h5
-from ddp_kit.data.dataset import load_labels
+from ddp_kit.data import H5Dataset, describe_split, write_h5
+from ddp_kit.data.dataset import held_fields
 
 pytestmark = pytest.mark.timeout(120)
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -22,11 +22,12 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 def dataset(path, group="train", **kwargs):
     split = describe_split(path, group=group)
-    return H5ImageDataset(split, load_labels(split, num_classes=10), **kwargs)
+    return H5Dataset(split, held_fields(split, in_memory=False), **kwargs)
 
 
 def check_batch(batch, images, labels):
-    x, y, ids = batch
+    fields, ids = batch
+    x, y = fields["image"], fields["label"]
     assert x.dtype == torch.uint8 and y.dtype == torch.int64 and ids.dtype == torch.int64
     np.testing.assert_array_equal(x.numpy(), images[ids.numpy()])
     np.testing.assert_array_equal(y.numpy(), labels[ids.numpy()])
@@ -39,7 +40,7 @@ def test_batches_match_the_arrays_in_any_order(tmp_path, compression, block_cach
     ds = dataset(tmp_path / "d.h5", **({"block_rows": 7, "cache_blocks": 3} if block_cache else {}))
     for rows in ([0, 1, 2, 3], [99, 3, 50, 4, 5], [10, 10, 2, 10], list(range(100)), [42]):
         batch = ds[rows]
-        assert batch[2].tolist() == rows, "rows come back in the order asked for"
+        assert batch[1].tolist() == rows, "rows come back in the order asked for"
         check_batch(batch, *arrays["train"])
 
 
@@ -55,9 +56,9 @@ def test_other_layouts_come_back_as_nchw(tmp_path, layout):
     images, labels = make_arrays(20, shape)
     write_h5(tmp_path / "d.h5", images, labels, layout="NHWC" if layout == "NHWC" else "NCHW")
     split = describe_split(tmp_path / "d.h5")
-    x, _, _ = H5ImageDataset(split, load_labels(split, 10))[[1, 5]]
+    x = H5Dataset(split, {})[[1, 5]][0]["image"]
     expected = images[[1, 5]].transpose(0, 3, 1, 2) if layout == "NHWC" else images[[1, 5], None]
-    assert split.channels == (3 if layout == "NHWC" else 1)
+    assert split.field("image").channels == (3 if layout == "NHWC" else 1)
     np.testing.assert_array_equal(x.numpy(), expected)
 
 
@@ -65,7 +66,7 @@ def test_float_images_keep_their_dtype(tmp_path):
     images = np.random.default_rng(0).random((12, 1, 3, 3), dtype=np.float32)
     write_h5(tmp_path / "f.h5", images, np.arange(12) % 3)
     split = describe_split(tmp_path / "f.h5")
-    x, _, _ = H5ImageDataset(split, load_labels(split, 3))[[2, 7]]
+    x = H5Dataset(split, {})[[2, 7]][0]["image"]
     assert x.dtype == torch.float32
     np.testing.assert_array_equal(x.numpy(), images[[2, 7]])
 
@@ -100,12 +101,12 @@ def test_loader_with_two_workers_reads_the_right_samples(tmp_path, context, shuf
         seen = []
         for batch in built.train:
             check_batch(batch, *arrays["train"])
-            seen.extend(batch[2].tolist())
+            seen.extend(batch[1].tolist())
         assert sorted(seen) == list(range(90))
     val_rows = []
     for batch in built.val:
         check_batch(batch, *arrays["val"])
-        val_rows.extend(batch[2].tolist())
+        val_rows.extend(batch[1].tolist())
     assert val_rows == list(range(90))
 
 
@@ -113,10 +114,10 @@ def test_loader_order_matches_the_sampler_and_resumes_mid_epoch(tmp_path):
     make_file(tmp_path / "d.h5", 60)
     built = loaders(data_config(tmp_path / "d.h5", num_workers=2), batch_size=5)
     built.train_sampler.set_epoch(3)
-    full = [batch[2].tolist() for batch in built.train]
+    full = [batch[1].tolist() for batch in built.train]
     assert full == [b.tolist() for b in built.train_sampler]
     built.train_sampler.set_epoch(3, start_batch=4)
-    assert [batch[2].tolist() for batch in built.train] == full[4:]
+    assert [batch[1].tolist() for batch in built.train] == full[4:]
 
 
 def test_each_loader_worker_decodes_its_own_blocks(tmp_path, monkeypatch):
@@ -125,20 +126,20 @@ def test_each_loader_worker_decodes_its_own_blocks(tmp_path, monkeypatch):
     make_file(tmp_path / "d.h5", 160, chunk_rows=8, compression="gzip")
     reads = tmp_path / "reads"
     reads.mkdir()
-    read_block = H5ImageDataset._block
+    read_block = H5Dataset._block
 
-    def logged_block(self, block):
-        if block not in self._blocks:
+    def logged_block(self, info, block):
+        if (info.name, block) not in self._blocks:
             with open(reads / str(os.getpid()), "a") as log:
                 log.write(f"{block}\n")
-        return read_block(self, block)
+        return read_block(self, info, block)
 
-    monkeypatch.setattr(H5ImageDataset, "_block", logged_block)  # fork: the workers inherit it
+    monkeypatch.setattr(H5Dataset, "_block", logged_block)  # fork: the workers inherit it
     cfg = data_config(tmp_path / "d.h5", num_workers=2, multiprocessing_context="fork", shuffle_window=2)
     built = loaders(cfg, batch_size=8)
     for epoch in range(2):
         built.train_sampler.set_epoch(epoch)
-        assert sorted(row for batch in built.train for row in batch[2].tolist()) == list(range(160))
+        assert sorted(row for batch in built.train for row in batch[1].tolist()) == list(range(160))
     per_worker = [[int(b) for b in log.read_text().split()] for log in reads.iterdir()]
     assert len(per_worker) == 2
     # Each block once per epoch, plus at most the window where the two workers' segments meet.
@@ -211,16 +212,16 @@ def test_ranks_cover_the_training_split_once_and_validation_once(tmp_path, world
     train_rows, val_rows, train_eval_rows = [], [], []
     for r in ranks:
         r.train_sampler.set_epoch(1)
-        train_rows += [i for batch in r.train for i in batch[2].tolist()]
-        val_rows += [i for batch in r.val for i in batch[2].tolist()]
-        train_eval_rows += [i for batch in r.train_eval for i in batch[2].tolist()]
+        train_rows += [i for batch in r.train for i in batch[1].tolist()]
+        val_rows += [i for batch in r.val for i in batch[1].tolist()]
+        train_eval_rows += [i for batch in r.train_eval for i in batch[1].tolist()]
     assert len(train_rows) == len(set(train_rows)) == 50 // (4 * world_size) * 4 * world_size
     assert val_rows == list(range(50)), "validation: every row once, no padding, shards in order"
     assert train_eval_rows == list(range(50)), "train_eval: the training split sharded the same way"
     assert ranks[0].sample_shape == (3, 4, 5)
     bounded = [loaders(cfg, rank=r, world_size=world_size, batch_size=4, stats_rows=20).train_eval
                for r in range(world_size)]
-    assert [i for loader in bounded for batch in loader for i in batch[2].tolist()] == list(range(20)), \
+    assert [i for loader in bounded for batch in loader for i in batch[1].tolist()] == list(range(20)), \
         "swa.bn_rows: the first rows of the split, whatever the world size"
 
 
@@ -230,9 +231,10 @@ def test_in_memory_mode_serves_the_same_batches_from_shared_memory(tmp_path, con
     from_file = loaders(data_config(tmp_path / "d.h5", num_workers=2))  # same workers: same batch order
     in_memory = loaders(data_config(tmp_path / "d.h5", in_memory=True, num_workers=2,
                                     multiprocessing_context=context))
-    assert in_memory.train.dataset.images.is_shared() and in_memory.train.dataset.labels.is_shared()
+    assert set(in_memory.train.dataset.held) == {"image", "label"}
+    assert all(values.is_shared() for values in in_memory.train.dataset.held.values())
     for built in (from_file, in_memory):
         built.train_sampler.set_epoch(2)
-    for a, b in zip(from_file.train, in_memory.train, strict=True):
-        for x, y in zip(a, b):
-            assert torch.equal(x, y)
+    for (a, a_rows), (b, b_rows) in zip(from_file.train, in_memory.train, strict=True):
+        assert torch.equal(a_rows, b_rows) and a.keys() == b.keys()
+        assert all(torch.equal(a[name], b[name]) for name in a)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import data_config, loaders, make_arrays, make_file, refused
-from ddp_kit.data import DataError, H5ImageDataset, describe_split, inspect_h5, write_h5
-from ddp_kit.data.dataset import load_labels
+from data_helpers import data_config, loaders, make_arrays, make_file, refused, triples
+from ddp_kit.data import DataError, H5Dataset, describe_split, inspect_h5, write_h5
+from ddp_kit.data.dataset import held_fields, load_field
 from opens import Fifo, OpenWatch
 
 pytestmark = pytest.mark.timeout(20)
@@ -114,7 +114,7 @@ def test_a_regular_file_behind_a_soft_link_is_opened_only_when_allowed(tmp_path)
         built = loaders(data_config(tmp_path / "d.h5", allow_external_storage=True))
         assert other.opens() > 0
     built.train_sampler.set_epoch(0)
-    _, labels, rows = next(iter(built.train))
+    _, labels, rows = next(triples(built.train))
     np.testing.assert_array_equal(labels.numpy(), other_labels[rows.numpy()])
 
 
@@ -135,13 +135,13 @@ def aliased_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def test_soft_links_within_the_file_are_followed(tmp_path, settings):
     images, labels = aliased_file(tmp_path / "d.h5")
     split = describe_split(tmp_path / "d.h5", group="alias")
-    assert (split.images_path, split.labels_path) == ("/store/images", "/store/labels")
+    assert (split.field("image").path, split.field("label").path) == ("/store/images", "/store/labels")
     epochs = {}
     for allowed in (False, True):  # HDF5 following the same links itself reads the same rows
         built = loaders(data_config(tmp_path / "d.h5", train_group="alias", allow_external_storage=allowed,
                                     **settings))
         built.train_sampler.set_epoch(0)
-        epochs[allowed] = [(x.clone(), y.clone(), ids.clone()) for x, y, ids in built.train]
+        epochs[allowed] = [(x.clone(), y.clone(), ids.clone()) for x, y, ids in triples(built.train)]
     for (x, y, ids), (hdf5_x, hdf5_y, hdf5_ids) in zip(epochs[False], epochs[True]):
         np.testing.assert_array_equal(x.numpy(), images[ids.numpy()])
         np.testing.assert_array_equal(y.numpy(), labels[ids.numpy()])
@@ -157,8 +157,8 @@ def test_readers_follow_no_link_after_validation(tmp_path):
         relink(f, "alias", h5py.ExternalLink(other.name, "/"))
         relink(f, "train/images", h5py.ExternalLink(other.name, "/images"))
     with Fifo(other) as fifo:
-        reader = H5ImageDataset(split, load_labels(split, 10))
-        x, y, ids = reader[np.arange(N)]
+        reader = H5Dataset(split, held_fields(split, in_memory=False))
+        x, y, ids = next(triples([reader[np.arange(N)]]))
         reader.close()
         np.testing.assert_array_equal(x.numpy(), images)
         np.testing.assert_array_equal(y.numpy(), labels)
@@ -166,9 +166,9 @@ def test_readers_follow_no_link_after_validation(tmp_path):
             relink(f, "store/images", h5py.ExternalLink(other.name, "/images"))
             relink(f, "store/labels", h5py.SoftLink("/alias/labels"))
         with pytest.raises(DataError, match="'/store/images' is an external link"):
-            H5ImageDataset(split, y)[[0]]
+            H5Dataset(split, {"label": y})[[0]]
         with pytest.raises(DataError, match="'/store/labels' -> '/alias' is an external link"):
-            load_labels(split, 10)
+            load_field(split, "label")
         assert fifo.opens == 0
 
 
@@ -188,7 +188,7 @@ def test_as_many_soft_links_as_hdf5_follows(tmp_path):
         assert describe_split(tmp_path / "d.h5", group=sixteen, allow_external=allowed).length == N
     built = loaders(data_config(tmp_path / "d.h5", train_group=sixteen))
     built.train_sampler.set_epoch(0)
-    x, _, ids = next(iter(built.train))
+    x, _, ids = next(triples(built.train))
     np.testing.assert_array_equal(x.numpy(), arrays["train"][0][ids.numpy()])
 
 
@@ -202,12 +202,12 @@ def soft_link_cycle(f: h5py.File) -> None:
     (lambda f: soft_link_chain(f, 17), "hop16",
      ["'/hop16' -> '/hop15' -> ", " -> '/hop0': more than 16 soft links", "data.train_group"]),
     (soft_link_cycle, "train",
-     ["soft link cycle '/train/labels' -> '/loop_a' -> '/loop_b' -> '/loop_a'", "data.labels_key"]),
+     ["soft link cycle '/train/labels' -> '/loop_a' -> '/loop_b' -> '/loop_a'", "data.fields.label"]),
     (lambda f: relink(f, "train/labels", h5py.SoftLink("/nowhere")), "train",
-     ["'/train/labels' -> '/nowhere' does not exist (data.labels_key); '/' contains: "]),
+     ["'/train/labels' -> '/nowhere' does not exist (data.fields.label); '/' contains: "]),
     (lambda f: relink(f, "train/images", h5py.SoftLink("/val/images/more")), "train",
      ["'/val/images' is a dataset, not a group, so '/train/images' -> '/val/images/more' cannot exist",
-      "data.images_key"]),
+      "data.fields.image"]),
 ])
 def test_bad_soft_links_are_named(tmp_path, make, group, fragments):
     make_file(tmp_path / "d.h5", N)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import data_config, loaders, make_file
+from data_helpers import data_config, loaders, make_file, triples
 from ddp_kit.data import DataError, to_device
 
 pytestmark = pytest.mark.timeout(120)
@@ -22,14 +22,14 @@ def test_sample_transforms_flip_every_training_image_and_no_evaluation_image(tmp
     images, labels = arrays["train"]
     built = loaders(data_config(tmp_path / "d.h5", sample_transforms=HFLIP, **settings))
     seen = []
-    for x, y, ids in built.train:
+    for x, y, ids in triples(built.train):
         assert x.dtype == torch.uint8 and x.shape[1:] == (3, 4, 5)
         np.testing.assert_array_equal(x.numpy(), images[ids.numpy()][..., ::-1])
         np.testing.assert_array_equal(y.numpy(), labels[ids.numpy()])
         seen.extend(ids.tolist())
     assert sorted(seen) == list(range(40))
     for loader, (stored, _) in ((built.val, arrays["val"]), (built.train_eval, arrays["train"])):
-        for x, _, ids in loader:
+        for x, _, ids in triples(loader):
             np.testing.assert_array_equal(x.numpy(), stored[ids.numpy()])
 
 
@@ -38,7 +38,7 @@ def test_sample_transforms_draw_parameters_per_image(tmp_path):
     built = loaders(data_config(tmp_path / "d.h5", num_workers=2, sample_transforms=[
         {"RandomHorizontalFlip": {"p": 0.5}}]), batch_size=32)
     flipped_per_batch = []
-    for x, _, ids in built.train:
+    for x, _, ids in triples(built.train):
         stored = images[ids.numpy()]
         flipped = [bool(np.array_equal(got, want[..., ::-1])) for got, want in zip(x.numpy(), stored)]
         kept = [bool(np.array_equal(got, want)) for got, want in zip(x.numpy(), stored)]
@@ -53,7 +53,7 @@ def _flip_draws(cfg, images, epochs, *, start_batch: int = 0, **where) -> dict:
     draws = {}
     for n, epoch in enumerate(epochs):
         built.train_sampler.set_epoch(epoch, start_batch=start_batch if n == 0 else 0)
-        for x, _, ids in built.train:
+        for x, _, ids in triples(built.train):
             for got, row in zip(x.numpy(), ids.tolist()):
                 flipped = bool(np.array_equal(got, images[row][..., ::-1]))
                 assert flipped or np.array_equal(got, images[row])
@@ -87,7 +87,7 @@ def test_batch_transforms_run_on_the_device_batch_before_normalization(tmp_path)
     built = loaders(cfg)
     outcomes = set()
     torch.manual_seed(0)
-    for x, y, ids in built.train:
+    for x, y, ids in triples(built.train):
         out, _ = to_device(x, y, CPU, cfg, train=True, batch_transform=built.batch_transform)
         scaled = (torch.from_numpy(images[ids.numpy()]).float() / 255 - 0.5) / 0.25
         if torch.equal(out, scaled.flip(2)):
@@ -105,7 +105,7 @@ def test_batch_transforms_see_the_unit_scaled_batch_not_the_normalized_one(tmp_p
     images, _ = make_file(tmp_path / "d.h5", 40)["train"]
     cfg = data_config(tmp_path / "d.h5", mean=[0.5], std=[0.25], batch_transforms=[{"RandomInvert": {"p": 1.0}}])
     built = loaders(cfg)
-    for x, y, ids in built.train:
+    for x, y, ids in triples(built.train):
         out, _ = to_device(x, y, CPU, cfg, train=True, batch_transform=built.batch_transform, augment_seed=0)
         unit = torch.from_numpy(images[ids.numpy()]).float() / 255
         torch.testing.assert_close(out, (1 - unit - 0.5) / 0.25, rtol=0, atol=1e-6)

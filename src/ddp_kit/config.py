@@ -53,13 +53,23 @@ class DistributedConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "data/digits.h5"  # HDF5 file with the training split (and the validation split unless val_path)
+    # HDF5 file with the training split (and the validation split unless val_path); null when the datasets come
+    # from Python (ddp_kit.train(cfg, datasets=(train, val)))
+    path: Optional[str] = "data/digits.h5"
     val_path: Optional[str] = None  # separate HDF5 file for validation
     train_group: str = "train"  # group inside the file holding the split; "" for the file root
     val_group: str = "val"
-    images_key: str = "images"
-    labels_key: str = "labels"
-    layout: Literal["auto", "NCHW", "NHWC"] = "auto"  # auto: the file's `layout` attribute, else NCHW
+    # the batch's fields: name -> HDF5 dataset in the split's group, all with one row per sample, any dtype and
+    # row shape; null: {image: images, label: labels}. Integer fields stored N x 1 x ... x 1 arrive as N values.
+    fields: Optional[dict] = None
+    # the fields that are images (uint8 -> float, augmentation, normalization on the device; others arrive as
+    # stored); null: [image] if there is a field named image, else none
+    image_fields: Optional[list[str]] = None
+    # a token stream instead of fields: a 1-D integer dataset in the split's group, read as non-overlapping windows
+    # of context_length + 1 tokens, yielded as fields input (window[:-1]) and target (window[1:])
+    tokens: Optional[str] = None
+    context_length: int = 0  # tokens per training sequence (data.tokens only)
+    layout: Literal["auto", "NCHW", "NHWC"] = "auto"  # image fields; auto: the dataset's `layout` attribute, else NCHW
     create_if_missing: Optional[Literal["digits"]] = None  # build the demo file when `path` does not exist
     allow_external_storage: bool = False  # permit external links, external storage, virtual datasets
     shuffle: Literal["chunk", "full", "none"] = "chunk"  # chunk: contiguous blocks, shuffled (fast on HDF5)
@@ -325,6 +335,13 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     raise TypeError(f"{where}: unsupported config annotation {annotation!r}")
 
 
+# Keys that no longer exist, with what replaces them: loading one is an error saying where it went.
+MOVED_KEYS = {
+    "data.images_key": "data.fields, e.g. data.fields: {image: <your images key>, label: labels}",
+    "data.labels_key": "data.fields, e.g. data.fields: {image: images, label: <your labels key>}",
+}
+
+
 def _build(cls: type, values: Any, where: str) -> Any:
     if _plain(values) is None:
         values = {}
@@ -335,6 +352,8 @@ def _build(cls: type, values: Any, where: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else str(key)
+        if path in MOVED_KEYS:
+            raise ConfigError(f"'{path}' has moved: use {MOVED_KEYS[path]}")
         if key not in names:
             raise ConfigError(
                 f"unknown key '{path}': {did_you_mean(str(key), names)}valid keys here are: {', '.join(names)}"
@@ -502,8 +521,11 @@ def validate(cfg: Config) -> None:
              f"needs 1 or model.in_channels={cfg.model.in_channels} values")
     _require(len(d.std) == len(d.mean) and all(x > 0 for x in d.std), "data.std", d.std,
              "needs as many positive values as data.mean")
-    _require(d.create_if_missing is not None or Path(d.path).is_file(), "data.path", d.path,
-             "file does not exist; convert your data with `ddp-kit data ...` or set data.create_if_missing")
+    _require(d.path is None or d.create_if_missing is not None or Path(d.path).is_file(), "data.path", d.path,
+             "file does not exist; convert your data with `ddp-kit data ...`, set data.create_if_missing, or set "
+             "data.path: null when you pass datasets= to ddp_kit.train")
+    _require(d.path is not None or d.val_path is None, "data.val_path", d.val_path, "needs data.path")
+    _validate_fields(d)
     _require(d.val_path is None or Path(d.val_path).is_file(), "data.val_path", d.val_path,
              "file does not exist")
     _require(cfg.amp.init_scale > 0, "amp.init_scale", cfg.amp.init_scale, "must be > 0")
@@ -535,6 +557,27 @@ def validate(cfg: Config) -> None:
              "must be > 0")
     _require(bool(cfg.preemption.requeue_marker) and "/" not in cfg.preemption.requeue_marker,
              "preemption.requeue_marker", cfg.preemption.requeue_marker, "must be a plain file name")
+
+
+def _validate_fields(d: DataConfig) -> None:
+    if d.fields is not None:
+        _require(bool(d.fields) and all(isinstance(name, str) and name and isinstance(key, str) and key
+                                        for name, key in d.fields.items()), "data.fields", d.fields,
+                 "must map each field name to the HDF5 dataset holding it, e.g. {image: images, label: labels}")
+        _require(d.tokens is None, "data.tokens", d.tokens, "cannot be combined with data.fields: a token stream "
+                 "makes its own fields (input, target); remove one of them")
+    if d.tokens is not None:
+        _require(bool(d.tokens), "data.tokens", d.tokens, "must name a 1-D integer dataset in the split's group")
+        _require(d.context_length >= 1, "data.context_length", d.context_length,
+                 "must be >= 1 with data.tokens (the tokens the model sees per sequence)")
+        _require(not d.image_fields, "data.image_fields", d.image_fields, "a token stream has no image fields")
+    if d.image_fields is not None:
+        _require(all(isinstance(name, str) and name for name in d.image_fields), "data.image_fields",
+                 d.image_fields, "must be a list of field names")
+        if d.fields is not None:
+            unknown = [name for name in d.image_fields if name not in d.fields]
+            _require(not unknown, "data.image_fields", d.image_fields,
+                     f"names {unknown}, not among data.fields ({', '.join(d.fields)})")
 
 
 def swa_start_epoch(swa: SwaConfig, epochs: int) -> int:

@@ -370,8 +370,10 @@ def _build(cfg: Config, rt: Runtime, build_net: Callable[[], nn.Module], objecti
     loaders = data.build_dataloaders(
         cfg.data, batch_size=cfg.train.batch_size, val_batch_size=cfg.train.val_batch_size, rank=rt.rank,
         world_size=rt.world_size, seed=cfg.run.seed, device=rt.device,
-        num_classes=cfg.model.num_classes if builtin_model and isinstance(objective, Classification) else None,
-        in_channels=cfg.model.in_channels if builtin_model else None, stats_rows=cfg.swa.bn_rows)
+        class_counts={objective.target: cfg.model.num_classes}
+        if builtin_model and isinstance(objective, Classification) else None,
+        image_channels=cfg.model.in_channels if builtin_model else None, datasets=datasets,
+        stats_rows=cfg.swa.bn_rows)
     distributed.seed_everything(cfg.run.seed)
     net = build_net()
     if not isinstance(net, nn.Module):

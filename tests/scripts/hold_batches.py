@@ -11,7 +11,7 @@ from ddp_kit.data import build_dataloaders
 
 cfg = DataConfig(path=sys.argv[1], num_workers=2, multiprocessing_context="fork", worker_sharing_strategy="file_system")
 loaders = build_dataloaders(cfg, batch_size=8, val_batch_size=8, rank=0, world_size=1, seed=0,
-                            device=torch.device("cpu"), num_classes=10, in_channels=3)
+                            device=torch.device("cpu"), class_counts={"label": 10}, image_channels=3)
 held = [batch for batch, _ in zip(loaders.train, range(6))]
 print("holding", flush=True)
 time.sleep(600)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from ddp_kit.data.convert import convert_imagefolder, convert_npz, write_digits
+from ddp_kit.data.convert import convert_imagefolder, convert_npz, convert_npz_fields, write_digits
+from ddp_kit.data.errors import DataError
 from ddp_kit.data.inspection import inspect_h5
 
 
@@ -39,6 +40,20 @@ def _imagefolder(args: argparse.Namespace) -> int:
 
 
 def _npz(args: argparse.Namespace) -> int:
+    if args.field or args.all_arrays:
+        fields = None
+        if args.field:
+            fields = {}
+            for spec in args.field:
+                name, _, key = spec.partition("=")
+                if not name:
+                    raise DataError(f"--field {spec!r}: expected NAME=ARRAY_KEY (or NAME, for the array of that name)")
+                fields[name] = key or name
+        convert_npz_fields(args.src, args.out, fields=fields, group=args.group, append_group=args.append,
+                           shuffle_seed=None if args.no_shuffle else args.seed, chunk_rows=args.chunk_rows,
+                           compression=_compression(args.compression))
+        print(f"wrote {args.out}")
+        return 0
     splits = {args.group: (args.images_key, args.labels_key)}
     if args.val_images_key:
         splits[args.val_group] = (args.val_images_key, args.val_labels_key)
@@ -83,6 +98,11 @@ def register_cli(subparsers) -> None:
     npz = commands.add_parser("npz", help="arrays from a NumPy .npz archive")
     npz.add_argument("src", help="input .npz archive")
     npz.add_argument("out", help="output .h5 file")
+    npz.add_argument("--field", action="append", metavar="NAME=ARRAY_KEY",
+                     help="write the archive's ARRAY_KEY as dataset NAME of --group (repeat for each field; read "
+                          "them with data.fields); any arrays with one row per sample, any dtype and shape")
+    npz.add_argument("--all-arrays", action="store_true", help="write every array of the archive as a field")
+    npz.add_argument("--append", action="store_true", help="add the group to an existing file (with --field)")
     npz.add_argument("--images-key", default="images", help="archive key of the images")
     npz.add_argument("--labels-key", default="labels", help="archive key of the labels")
     npz.add_argument("--group", default="train", help="group for that split (default: train)")

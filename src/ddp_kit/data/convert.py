@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ddp_kit.data.errors import DataError
-from ddp_kit.data.writer import SplitWriter, atomic_h5, write_split
+from ddp_kit.data.writer import SplitWriter, atomic_h5, write_field_arrays, write_split
 
 
 def write_digits(out: str | os.PathLike, *, size: int = 32, val_fraction: float = 0.2, seed: int = 0,
@@ -112,3 +112,29 @@ def convert_npz(src: str | os.PathLike, out: str | os.PathLike, *,
                 images, labels = images[order], labels[order]
             write_split(f, images, labels, group=group, layout=guess_layout(images) if layout == "auto" else layout,
                         chunk_rows=chunk_rows, compression=compression, attrs={"source": f"{src}:{keys[0]}"})
+
+
+def convert_npz_fields(src: str | os.PathLike, out: str | os.PathLike, *, fields: Optional[Mapping[str, str]] = None,
+                       group: str = "train", append_group: bool = False, shuffle_seed: Optional[int] = 0,
+                       chunk_rows: Optional[int] = None, compression: Optional[str] = None) -> None:
+    """Any named arrays of a NumPy .npz archive as the fields of one split: `fields` maps each dataset name
+    to write to its archive key (None: every array under its own name); read them back with data.fields.
+    Rows are stored in one random order for all arrays, seeded by `shuffle_seed` (None keeps the archive's)."""
+    try:
+        archive = np.load(src, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{src}: cannot be read as a NumPy .npz archive ({exc})") from exc
+    with archive:
+        fields = dict(fields) if fields is not None else {key: key for key in archive.files}
+        missing = [key for key in fields.values() if key not in archive.files]
+        if missing:
+            raise DataError(f"{src}: no array {', '.join(map(repr, missing))}; the archive has: "
+                            f"{', '.join(archive.files)}")
+        arrays = {name: archive[key] for name, key in fields.items()}
+    lengths = {name: len(array) if array.ndim else 0 for name, array in arrays.items()}
+    if shuffle_seed is not None and len(set(lengths.values())) == 1:
+        order = np.random.default_rng(shuffle_seed).permutation(next(iter(lengths.values())))
+        arrays = {name: array[order] for name, array in arrays.items()}
+    with atomic_h5(out, append=append_group, needed_bytes=sum(a.nbytes for a in arrays.values())) as f:
+        write_field_arrays(f, arrays, group=group, chunk_rows=chunk_rows, compression=compression,
+                           attrs={"source": str(src)})

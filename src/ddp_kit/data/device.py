@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ddp_kit.config import DataConfig
+from ddp_kit.data.fields import image_fields
 from ddp_kit.data.seeding import seeded
 
 
@@ -55,17 +56,16 @@ def unit_float(images: torch.Tensor) -> torch.Tensor:
     return x.div_(255) if images.dtype == torch.uint8 else x  # in place is safe: the cast made a new tensor
 
 
-def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, cfg: DataConfig, *,
-              train: bool, channels_last: bool = False,
-              batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-              augment_seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Transfer a batch (non-blocking; pinned memory makes it asynchronous), scale uint8 to [0, 1]
-    (float images are taken as already scaled), augment when `train` (cfg's crop and flip, then
+def prepare_images(images: torch.Tensor, device: torch.device, cfg: DataConfig, *, train: bool,
+                   channels_last: bool = False, batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                   augment_seed: Optional[int] = None) -> torch.Tensor:
+    """Transfer an N x C x H x W image batch (non-blocking; pinned memory makes it asynchronous), scale uint8
+    to [0, 1] (float images are taken as already scaled), augment when `train` (cfg's crop and flip, then
     `batch_transform`, e.g. `Loaders.batch_transform` from data.batch_transforms), normalize with cfg.mean/std.
     The augmentation draws from generators seeded by `augment_seed` (the training loop passes one per
     micro-batch, data/seeding.py), or from the device's global generator if None.
 
-    Returns float32 images (channels-last memory format if asked) and int64 labels on `device`.
+    Returns float32 images on `device` (channels-last memory format if asked).
     """
     x = unit_float(images.to(device, non_blocking=True))
     if train and (cfg.random_crop_padding or cfg.horizontal_flip or batch_transform is not None):
@@ -75,15 +75,28 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, 
             x = _augment(x, cfg, batch_transform)
     x = (x - _per_channel(tuple(cfg.mean), x.device)) / _per_channel(tuple(cfg.std), x.device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return x.contiguous(memory_format=memory_format), labels.to(device, non_blocking=True, dtype=torch.int64)
+    return x.contiguous(memory_format=memory_format)
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, cfg: DataConfig, *,
+              train: bool, channels_last: bool = False,
+              batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+              augment_seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An (images, labels) batch on `device`: the images as `prepare_images` makes them, labels as int64."""
+    x = prepare_images(images, device, cfg, train=train, channels_last=channels_last,
+                       batch_transform=batch_transform, augment_seed=augment_seed)
+    return x, labels.to(device, non_blocking=True, dtype=torch.int64)
 
 
 def prepare_batch(batch, device: torch.device, cfg: DataConfig, *, train: bool, channels_last: bool = False,
                   batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                   augment_seed: Optional[int] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """A batch as the loaders yield it, on `device` and ready for the model and the objective: the fields by
-    name (images prepared as `to_device` does) and the row ids the ledger and resume use."""
-    images, labels, rows = batch
-    images, labels = to_device(images, labels, device, cfg, train=train, channels_last=channels_last,
-                               batch_transform=batch_transform, augment_seed=augment_seed)
-    return {"image": images, "label": labels}, rows
+    """A batch `(fields, rows)` as the loaders yield it, on `device` and ready for the model and the objective:
+    the fields by name, image fields (data.image_fields) prepared by `prepare_images`, the others as stored
+    (non-blocking copies), and the row ids (1-D int64, on the CPU) the ledger and resume use."""
+    fields, rows = batch
+    images = image_fields(cfg, fields)
+    return {name: prepare_images(values, device, cfg, train=train, channels_last=channels_last,
+                                 batch_transform=batch_transform, augment_seed=augment_seed)
+            if name in images else values.to(device, non_blocking=True)
+            for name, values in fields.items()}, rows

@@ -1,4 +1,4 @@
-"""Opening HDF5 files for reading and validating one split (images + labels) from metadata alone.
+"""Opening HDF5 files for reading and validating one split (its named fields, or a token stream) from metadata.
 
 `describe_split` checks everything that can be checked without reading pixel data (the file opens, keys
 exist, lengths agree, shapes and dtypes are usable, nothing points outside the file unless allowed) and
@@ -13,13 +13,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import h5py
 import numpy as np
 
 from ddp_kit.config import DataConfig
 from ddp_kit.data.errors import DataError
+from ddp_kit.data.fields import DEFAULT_FIELDS, TOKEN_FIELDS, field_keys, image_fields
 
 LAYOUTS = ("NCHW", "NHWC")
 CHUNK_TARGET_BYTES = 1 << 20  # ~1 MiB chunks: large enough for fast contiguous reads, small enough to shuffle
@@ -65,57 +66,104 @@ def _text(value) -> str:
 
 
 @dataclass(frozen=True)
-class SplitInfo:
-    """Everything a reader needs to know about one split, validated; cheap to pickle."""
+class FieldInfo:
+    """One field of a split: an HDF5 dataset with one row per sample (or, for a token stream, one window)."""
 
+    name: str  # the field's name in the batch
+    key: str  # the dataset as configured, relative to the split's group
+    setting: str  # the config key that names it, for error messages
+    # Where the readers find it: unless the split allows external data, the dataset's own name in the file with
+    # every soft link resolved, so a reader follows no link; otherwise the configured path.
     path: str
-    # Where the readers find the images and labels: unless allow_external, the datasets' own names in the
-    # file with every soft link resolved, so a reader follows no link; otherwise the configured paths.
-    images_path: str
-    labels_path: str
-    allow_external: bool
-    length: int
-    row_shape: tuple[int, ...]  # shape of one stored image: (C, H, W), (H, W, C) or (H, W)
-    layout: str  # NCHW, NHWC, or NHW for single-channel images stored without a channel axis
-    dtype: str  # numpy dtype of the images as read (native byte order)
-    chunk_rows: int  # rows per HDF5 chunk along axis 0; 0 when the images are not chunked
-    compressed: bool  # the images pass through HDF5 filters (gzip, lzf, ...): reading a chunk decodes it whole
-    class_names: Optional[tuple[str, ...]] = None
-
-    def dataset(self, f: h5py.File, key: str) -> h5py.Dataset:
-        """The split's `key` ("images" or "labels") in `f`, this split's file opened by a reader, looked up
-        as describe_split did: a file rewritten since then to point elsewhere is refused, not followed."""
-        path = self.images_path if key == "images" else self.labels_path
-        steps = [(part, f"data.{key}_key") for part in path.split("/") if part]
-        return _dataset_at(f, steps, self.allow_external)[0]
-
-    @property
-    def channels(self) -> int:
-        return self.image_shape[0]
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image as the readers return it."""
-        s = self.row_shape
-        if self.layout == "NCHW":
-            return s
-        return (s[2], s[0], s[1]) if self.layout == "NHWC" else (1, *s)
+    row_shape: tuple[int, ...]  # one row as read: stored shape, () for integer rows of 1 x ... x 1, (L + 1,) windows
+    dtype: str  # numpy dtype as read (native byte order)
+    chunk_rows: int  # rows per HDF5 chunk along axis 0 (windows per chunk for tokens); 0 when not chunked
+    compressed: bool  # passes through HDF5 filters (gzip, lzf, ...): reading a chunk decodes it whole
+    layout: Optional[str] = None  # image fields: NCHW, NHWC, or NHW (one channel, no channel axis); else None
+    window: int = 0  # token stream: tokens per row, the rows being consecutive windows of a 1-D dataset
 
     @property
     def row_bytes(self) -> int:
         return int(np.prod(self.row_shape)) * np.dtype(self.dtype).itemsize
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """One row as the loaders yield it: images as (C, H, W)."""
+        s = self.row_shape
+        if self.layout is None or self.layout == "NCHW":
+            return s
+        return (s[2], s[0], s[1]) if self.layout == "NHWC" else (1, *s)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    def read(self, dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of this field from its open `dataset`."""
+        if self.window:
+            return dataset[start * self.window:stop * self.window].reshape(stop - start, self.window)
+        return dataset[start:stop].reshape(stop - start, *self.row_shape)
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """Everything a reader needs to know about one split, validated; cheap to pickle."""
+
+    path: str
+    group: str
+    allow_external: bool
+    length: int  # rows (samples) of every field
+    fields: tuple[FieldInfo, ...]
+
+    def field(self, name: str) -> FieldInfo:
+        for info in self.fields:
+            if info.name == name:
+                return info
+        raise KeyError(f"{self.path}: the split has no field {name!r}; its fields are {self.names}")
+
+    @property
+    def names(self) -> list[str]:
+        return [info.name for info in self.fields]
+
+    @property
+    def images(self) -> list[FieldInfo]:
+        return [info for info in self.fields if info.layout is not None]
+
+    @property
+    def tokens(self) -> bool:
+        return any(info.window for info in self.fields)
+
+    @property
+    def field_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One row of every field as the loaders yield it (images C, H, W; a token stream's input and target)."""
+        if self.tokens:
+            return {name: (self.fields[0].window - 1,) for name in TOKEN_FIELDS}
+        return {info.name: info.shape for info in self.fields}
+
+    def dataset(self, f: h5py.File, name: str) -> h5py.Dataset:
+        """Field `name`'s dataset in `f`, this split's file opened by a reader, looked up as describe_split
+        did: a file rewritten since then to point elsewhere is refused, not followed."""
+        info = self.field(name)
+        steps = [(part, info.setting) for part in info.path.split("/") if part]
+        return _dataset_at(f, steps, self.allow_external)[0]
+
+    @property
     def default_block_rows(self) -> int:
-        """Rows per shuffled block when data.block_size is 0: one chunk, or ~1 MiB for unchunked data."""
-        return self.chunk_rows or rows_for_bytes(self.row_bytes)
+        """Rows per shuffled block when data.block_size is 0: one chunk of the field with the largest rows (the
+        reads that cost most), or ~1 MiB of rows when no field is chunked."""
+        chunked = [info for info in self.fields if info.chunk_rows]
+        if chunked:
+            return max(chunked, key=lambda info: info.row_bytes).chunk_rows
+        return rows_for_bytes(sum(info.row_bytes for info in self.fields))
 
     def cache_settings(self, chunks_per_read: int) -> dict:
-        """`open_h5` keyword arguments for a reader whose consecutive reads touch `chunks_per_read` chunks."""
-        if not self.compressed or not self.chunk_rows:
+        """`open_h5` keyword arguments for a reader whose consecutive reads touch `chunks_per_read` chunks of
+        each field (HDF5 gives every dataset its own cache of this size)."""
+        compressed = [info for info in self.fields if info.compressed and info.chunk_rows]
+        if not compressed:
             # Uncompressed data is fastest read straight into the caller's buffer: a cache only adds a copy.
             return {"cache_bytes": 0, "cache_chunks": 1}
-        chunk_bytes = self.chunk_rows * self.row_bytes
+        chunk_bytes = max(info.chunk_rows * info.row_bytes for info in compressed)
         # One extra chunk so a read that ends mid-chunk does not decode that chunk again on the next read.
         return {"cache_bytes": (chunks_per_read + 1) * chunk_bytes, "cache_chunks": chunks_per_read + 1}
 
@@ -249,54 +297,97 @@ def _declared_layout(images: h5py.Dataset, configured: str, path: str) -> str:
     return configured if configured != "auto" else (stored or "NCHW")
 
 
-def describe_split(path: str | os.PathLike, *, group: str = "", images_key: str = "images",
-                   labels_key: str = "labels", layout: str = "auto", allow_external: bool = False,
+def _chunking(node: h5py.Dataset) -> tuple[int, bool]:
+    return (int(node.chunks[0]) if node.chunks else 0), node.id.get_create_plist().get_nfilters() > 0
+
+
+def _field(node: h5py.Dataset, where: str, *, name: str, key: str, setting: str, image: bool,
+           layout: str) -> FieldInfo:
+    """Describe one field's dataset `node` (at `where` in the file), refusing what cannot be a batch field."""
+    path = node.file.filename
+    if node.ndim == 0:
+        raise DataError(f"{path}: '{node.name}' ({setting}) is a scalar; a field needs one row per sample")
+    if node.dtype.kind not in "biuf":
+        raise DataError(f"{path}: '{node.name}' ({setting}) has dtype {node.dtype}, which cannot become a tensor; "
+                        "store numbers (bool, integer or float)")
+    row_shape = tuple(int(s) for s in node.shape[1:])
+    field_layout = None
+    if image:
+        if node.ndim not in (3, 4):
+            raise DataError(f"{path}: '{node.name}' has shape {node.shape}; expected images as N x C x H x W, "
+                            f"N x H x W x C or N x H x W ({setting} is an image field, data.image_fields)")
+        if node.dtype != np.uint8 and node.dtype.kind != "f":
+            raise DataError(f"{path}: '{node.name}' has dtype {node.dtype}; expected uint8 (0..255) or float "
+                            "(already scaled to 0..1) for an image field; convert the images")
+        field_layout = _declared_layout(node, layout, path)
+    elif node.dtype.kind in "biu" and all(s == 1 for s in row_shape):
+        row_shape = ()  # e.g. PatchCamelyon's labels, N x 1 x 1 x 1: one value per sample
+    chunk_rows, compressed = _chunking(node)
+    return FieldInfo(name=name, key=key, setting=setting, path=where, row_shape=row_shape,
+                     dtype=node.dtype.newbyteorder("=").str,  # readers convert big-endian files to native order
+                     chunk_rows=chunk_rows, compressed=compressed, layout=field_layout)
+
+
+def _token_field(node: h5py.Dataset, where: str, key: str, context_length: int) -> tuple[FieldInfo, int]:
+    path = node.file.filename
+    if node.ndim != 1 or node.dtype.kind not in "iu":
+        raise DataError(f"{path}: '{node.name}' (data.tokens) has shape {node.shape} and dtype {node.dtype}; "
+                        "expected a 1-D integer array of token ids (write it with ddp_kit.data.write_tokens)")
+    window = context_length + 1
+    windows = node.shape[0] // window
+    if windows == 0:
+        raise DataError(f"{path}: '{node.name}' holds {node.shape[0]} tokens, fewer than one window of "
+                        f"data.context_length + 1 = {window}; lower data.context_length or add tokens")
+    chunk_tokens, compressed = _chunking(node)
+    info = FieldInfo(name="tokens", key=key, setting="data.tokens", path=where, row_shape=(window,),
+                     dtype=node.dtype.newbyteorder("=").str, chunk_rows=max(1, chunk_tokens // window) if
+                     chunk_tokens else 0, compressed=compressed, window=window)
+    return info, windows
+
+
+def describe_split(path: str | os.PathLike, *, group: str = "", fields: Optional[Mapping[str, str]] = None,
+                   image_fields: Optional[Sequence[str]] = None, tokens: Optional[str] = None,
+                   context_length: int = 0, layout: str = "auto", allow_external: bool = False,
                    group_setting: str = "data.train_group") -> SplitInfo:
-    """Validate one split from metadata only and describe it. Raises DataError naming file and key."""
+    """Validate one split from metadata only and describe it: `fields` {name: dataset key} (default
+    {image: images, label: labels}) with `image_fields` the images (default: the field "image"), or the token
+    stream `tokens` cut into windows of `context_length` + 1. Raises DataError naming file and key."""
     path = str(path)
     group_parts = [p for p in group.split("/") if p]
-    with open_existing(path, "/" + "/".join([*group_parts, images_key])) as f:
-        datasets = {}
-        for key, setting in ((images_key, "data.images_key"), (labels_key, "data.labels_key")):
-            steps = [(part, group_setting) for part in group_parts] + [(key, setting)]
-            datasets[key] = _dataset_at(f, steps, allow_external)
-        (images, images_path), (labels, labels_path) = datasets[images_key], datasets[labels_key]
-
-        if images.ndim not in (3, 4):
-            raise DataError(f"{path}: '{images.name}' has shape {images.shape}; expected images as "
-                            "N x C x H x W, N x H x W x C or N x H x W")
-        if images.dtype != np.uint8 and images.dtype.kind != "f":
-            raise DataError(f"{path}: '{images.name}' has dtype {images.dtype}; expected uint8 (0..255) or "
-                            "float (already scaled to 0..1); convert the images")
-        if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise DataError(f"{path}: '{labels.name}' has shape {labels.shape} and dtype {labels.dtype}; "
-                            "expected a 1-D integer array of class indices")
-        if images.shape[0] != labels.shape[0]:
-            raise DataError(f"{path}: '{images.name}' has {images.shape[0]} rows but '{labels.name}' has "
-                            f"{labels.shape[0]}; every image needs exactly one label")
-        if images.shape[0] == 0:
-            raise DataError(f"{path}: '{images.name}' is empty; the split needs at least one image")
-
-        names = labels.attrs.get("class_names")
-        return SplitInfo(
-            path=path,
-            images_path=images_path,
-            labels_path=labels_path,
-            allow_external=allow_external,
-            length=int(images.shape[0]),
-            row_shape=tuple(int(s) for s in images.shape[1:]),
-            layout=_declared_layout(images, layout, path),
-            dtype=images.dtype.newbyteorder("=").str,  # readers convert big-endian files to native order
-            chunk_rows=int(images.chunks[0]) if images.chunks else 0,
-            compressed=images.id.get_create_plist().get_nfilters() > 0,
-            class_names=tuple(_text(n) for n in names) if names is not None else None,
-        )
+    keys = {"tokens": tokens} if tokens is not None else dict(fields if fields is not None else DEFAULT_FIELDS)
+    images = set(image_fields if image_fields is not None else ["image"] if "image" in keys else [])
+    with open_existing(path, "/" + "/".join([*group_parts, next(iter(keys.values()))])) as f:
+        described, lengths = [], {}
+        for name, key in keys.items():
+            setting = "data.tokens" if tokens is not None else f"data.fields.{name}"
+            steps = [(part, group_setting) for part in group_parts] + [(part, setting) for part in key.split("/")
+                                                                       if part]
+            node, where = _dataset_at(f, steps, allow_external)
+            if tokens is not None:
+                info, lengths[node.name] = _token_field(node, where, key, context_length)
+            else:
+                info = _field(node, where, name=name, key=key, setting=setting, image=name in images, layout=layout)
+                lengths[node.name] = int(node.shape[0])
+            described.append(info)
+        if len(set(lengths.values())) > 1:
+            listed = ", ".join(f"'{name}' has {n} rows" for name, n in lengths.items())
+            raise DataError(f"{path}: the fields have different lengths: {listed}; every field needs one row per "
+                            "sample (data.fields)")
+        length = next(iter(lengths.values()))
+        if length == 0:
+            raise DataError(f"{path}: {', '.join(map(repr, lengths))} empty; the split needs at least one sample")
+        return SplitInfo(path=path, group=group, allow_external=allow_external, length=length,
+                         fields=tuple(described))
 
 
 def config_splits(cfg: DataConfig) -> tuple[SplitInfo, SplitInfo]:
     """The validated train and validation splits that `cfg` points at."""
-    common = dict(images_key=cfg.images_key, labels_key=cfg.labels_key, layout=cfg.layout,
-                  allow_external=cfg.allow_external_storage)
+    if cfg.path is None:
+        raise DataError("data.path is null and no datasets were given: set data.path to an HDF5 file, or pass "
+                        "datasets=(train, val) to ddp_kit.train")
+    common = dict(fields=None if cfg.tokens else field_keys(cfg), tokens=cfg.tokens,
+                  context_length=cfg.context_length, layout=cfg.layout, allow_external=cfg.allow_external_storage)
+    common["image_fields"] = None if cfg.tokens else image_fields(cfg, common["fields"])
     train = describe_split(cfg.path, group=cfg.train_group, group_setting="data.train_group", **common)
     val = describe_split(cfg.val_path or cfg.path, group=cfg.val_group, group_setting="data.val_group", **common)
     return train, val

@@ -11,33 +11,36 @@ import functools
 import math
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ddp_kit.config import DataConfig
-from ddp_kit.data.dataset import H5ImageDataset, InMemoryImageDataset, load_images, load_labels, to_nchw
+from ddp_kit.data.dataset import H5Dataset, check_classes, held_fields
 from ddp_kit.data.device import unit_float
 from ddp_kit.data.errors import DataError
-from ddp_kit.data.hdf5 import SplitInfo, config_splits, open_h5
+from ddp_kit.data.fields import image_fields
+from ddp_kit.data.hdf5 import FieldInfo, SplitInfo, config_splits
 from ddp_kit.data.sampler import ShardBatchSampler, TrainBatchSampler
 from ddp_kit.data.seeding import draw_seed
+from ddp_kit.data.user import user_datasets
 from ddp_kit.data.transforms import EpochBatches, SampleTransformDataset, Transform, build_transform, check_transform
 from ddp_kit.preemption import protect_dataloader_worker
 
 
 @dataclass
 class Loaders:
-    train: DataLoader  # yields (images, labels, row_ids); len() is the same on every rank
+    train: DataLoader  # yields (fields, row_ids) batches; len() is the same on every rank
     val: DataLoader  # this rank's disjoint shard of the validation split, unpadded
     train_sampler: TrainBatchSampler  # call set_epoch(epoch, start_batch=0) before every epoch
     train_size: int  # rows in the training split (before padding or drop_last)
     val_size: int  # rows in the validation split (the sum over ranks of the rows evaluated)
     train_eval: DataLoader  # the training split (its first `stats_rows`) sharded like `val`: statistics passes
-    sample_shape: tuple[int, int, int]  # (C, H, W) of one image, as the loaders yield it
-    batch_transform: Optional[Transform]  # data.batch_transforms: pass to to_device(..., batch_transform=) in training
+    field_shapes: dict[str, tuple[int, ...]]  # one row of every field as prepare_batch returns it (images C, H, W)
+    sample_shape: Optional[tuple[int, ...]]  # field_shapes["image"], None without a field named image
+    batch_transform: Optional[Transform]  # data.batch_transforms: pass to prepare_batch(..., batch_transform=)
 
 
 def init_worker(worker_id: int, *, seed: int, rank: int, sharing_strategy: str) -> None:
@@ -55,64 +58,85 @@ def init_worker(worker_id: int, *, seed: int, rank: int, sharing_strategy: str) 
     protect_dataloader_worker()
 
 
-def _check_shapes(train: SplitInfo, val: SplitInfo, in_channels: Optional[int]) -> None:
+def _check_shapes(train: SplitInfo, val: SplitInfo, image_channels: Optional[int]) -> None:
     for split in (train, val):
-        _check_channels(split, in_channels)
-    if train.image_shape != val.image_shape:
-        raise DataError(f"{val.path}: '{val.images_path}' holds images of shape {val.image_shape} (C, H, W) but "
-                        f"{train.path}: '{train.images_path}' holds {train.image_shape}; both splits need the "
-                        "same image size")
+        for info in split.images:
+            _check_channels(split, info, image_channels)
+    for info in train.fields:
+        other = val.field(info.name)
+        if info.shape != other.shape:
+            raise DataError(f"{val.path}: '{other.path}' holds rows of shape {other.shape} but {train.path}: "
+                            f"'{info.path}' holds {info.shape}; both splits need the same row shape for field "
+                            f"{info.name!r} (images as C, H, W)")
 
 
-def _check_channels(split: SplitInfo, in_channels: Optional[int]) -> None:
-    if in_channels is None or split.channels == in_channels:
+def _check_channels(split: SplitInfo, info: FieldInfo, image_channels: Optional[int]) -> None:
+    if image_channels is None or info.channels == image_channels:
         return
     hint = "fix model.in_channels or convert the images"
-    if split.layout == "NCHW" and split.row_shape[-1] == in_channels:
+    if info.layout == "NCHW" and info.row_shape[-1] == image_channels:
         hint = "the images look like N x H x W x C: set data.layout: NHWC (or store a layout attribute)"
-    raise DataError(f"{split.path}: '{split.images_path}' has {split.channels} channel(s) (each image "
-                    f"{split.row_shape}, layout {split.layout}) but model.in_channels is {in_channels}; {hint}")
+    raise DataError(f"{split.path}: '{info.path}' has {info.channels} channel(s) (each image {info.row_shape}, "
+                    f"layout {info.layout}) but model.in_channels is {image_channels}; {hint}")
 
 
 def _chunks_spanned(rows: int, split: SplitInfo) -> int:
-    return math.ceil(rows / split.chunk_rows) if split.chunk_rows else 1
+    return max(math.ceil(rows / info.chunk_rows) if info.chunk_rows else 1 for info in split.fields)
 
 
-def _dataset(split: SplitInfo, cfg: DataConfig, *, num_classes: Optional[int], shuffle: str, batch_size: int,
-             block_rows: int) -> Dataset:
+def _dataset(split: SplitInfo, cfg: DataConfig, *, class_counts: Optional[Mapping[str, int]], shuffle: str,
+             batch_size: int, block_rows: int) -> Dataset:
     """The dataset for one split, its reads tuned to the sampler's `shuffle` mode (chunk, full or none)."""
-    labels = load_labels(split, num_classes)
-    if cfg.in_memory:
-        return InMemoryImageDataset(split, load_images(split), labels)
+    held = held_fields(split, cfg.in_memory)
+    for name, num_classes in (class_counts or {}).items():
+        if name not in split.names:
+            raise DataError(f"{split.path}: the split '{split.group or '/'}' has no field {name!r} to hold class "
+                            f"indices; its fields are {split.names} (data.fields)")
+        check_classes(split, name, num_classes, held.get(name))
+    if cfg.in_memory or shuffle == "full":
+        return H5Dataset(split, held)
     if shuffle == "chunk":
         # Every block one batch can touch: a batch spans its windows plus one it straddles into, and the
         # next batch continues in the last of them, so each block is read once per worker. The 2 extra
         # hold the partial blocks at a rank's slice boundaries.
         windows = math.ceil(batch_size / (cfg.shuffle_window * block_rows)) + 1
         blocks = cfg.shuffle_window * windows + 2
-        return H5ImageDataset(split, labels, block_rows=block_rows, cache_blocks=blocks,
-                              chunks_per_read=_chunks_spanned(block_rows, split))
-    if shuffle == "full":
-        return H5ImageDataset(split, labels)
-    return H5ImageDataset(split, labels, chunks_per_read=_chunks_spanned(batch_size, split))
+        return H5Dataset(split, held, block_rows=block_rows, cache_blocks=blocks,
+                         chunks_per_read=_chunks_spanned(block_rows, split))
+    return H5Dataset(split, held, chunks_per_read=_chunks_spanned(batch_size, split))
 
 
-def _transforms(cfg: DataConfig, split: SplitInfo) -> tuple[Optional[Transform], Optional[Transform]]:
-    """(per-sample, per-batch) training transforms from the config, each tried on the split's first images
-    so a wrong name, argument or output shape fails now, naming its config key."""
+def _augmented_image(cfg: DataConfig, names: list[str]) -> str:
+    """The one image field that augmentation (crop, flip, data.sample_transforms / batch_transforms) applies to."""
+    images = image_fields(cfg, names)
+    if len(images) != 1:
+        raise DataError(f"data augmentation (random_crop_padding, horizontal_flip, sample_transforms, "
+                        f"batch_transforms) needs exactly one image field; the batch has {images or 'none'} among "
+                        f"{names}: set data.image_fields, or remove the augmentation (it would also not move "
+                        "fields aligned with the image, such as masks)")
+    return images[0]
+
+
+def _transforms(cfg: DataConfig, dataset: Dataset, source: str
+                ) -> tuple[Optional[Transform], Optional[Transform], Optional[str]]:
+    """(per-sample, per-batch) training transforms from the config and the image field they apply to, each
+    tried on the first rows of `dataset` (from `source`) so a wrong name, argument or output shape fails now,
+    naming its config key."""
     sample_transform = build_transform(cfg.sample_transforms, "data.sample_transforms")
     batch_transform = build_transform(cfg.batch_transforms, "data.batch_transforms")
-    if sample_transform is None and batch_transform is None:
-        return None, None
-    with open_h5(split.path) as f:
-        probe = to_nchw(torch.from_numpy(split.dataset(f, "images")[:min(2, split.length)]), split.layout)
-    source = f"{split.path}: '{split.images_path}'"
+    if not (sample_transform or batch_transform or cfg.random_crop_padding or cfg.horizontal_flip):
+        return None, None, None
+    probe, _ = dataset[np.arange(min(2, len(dataset)))]
+    if isinstance(dataset, H5Dataset):
+        dataset.close()  # the workers open their own handles; this process reads no more
+    image = _augmented_image(cfg, list(probe))
+    images = probe[image]
     if sample_transform is not None:
-        probe = torch.stack([check_transform(sample_transform, image, key="data.sample_transforms",
-                                             source=f"{source} row {row}") for row, image in enumerate(probe)])
+        images = torch.stack([check_transform(sample_transform, row, key="data.sample_transforms",
+                                              source=f"{source} row {i}") for i, row in enumerate(images)])
     if batch_transform is not None:
-        check_transform(batch_transform, unit_float(probe), key="data.batch_transforms", source=f"a batch of {source}")
-    return sample_transform, batch_transform
+        check_transform(batch_transform, unit_float(images), key="data.batch_transforms", source=f"a batch of {source}")
+    return sample_transform, batch_transform, image
 
 
 def prefetch_batches(cfg: DataConfig, *, shuffle: str, batch_size: int, block_rows: int) -> int:
@@ -147,49 +171,64 @@ def _loader(dataset: Dataset, sampler, cfg: DataConfig, *, device: torch.device,
                       worker_init_fn=init, generator=generator, **options)
 
 
-def _train_sampler(cfg: DataConfig, split: SplitInfo, *, batch_size: int, rank: int, world_size: int,
-                   seed: int) -> TrainBatchSampler:
+def _train_sampler(cfg: DataConfig, length: int, block_rows: int, where: str, *, batch_size: int, rank: int,
+                   world_size: int, seed: int) -> TrainBatchSampler:
     try:
-        return TrainBatchSampler(split.length, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                                 shuffle=cfg.shuffle, block_rows=cfg.block_size or split.default_block_rows,
+        return TrainBatchSampler(length, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                                 shuffle=cfg.shuffle, block_rows=cfg.block_size or block_rows,
                                  shuffle_window=cfg.shuffle_window, drop_last=cfg.drop_last,
                                  num_workers=cfg.num_workers)
     except ValueError as exc:
-        raise DataError(f"{split.path}: '{split.images_path}': {exc}") from exc
+        raise DataError(f"{where}: {exc}") from exc
+
+
+def _where(split: SplitInfo) -> str:
+    return f"{split.path}: the split '{split.group or '/'}'"
 
 
 def train_batches_per_epoch(cfg: DataConfig, *, batch_size: int, world_size: int) -> int:
     """Training micro-batches per epoch on every rank, from the file's metadata alone (no loader is built)."""
     train_split, _ = config_splits(cfg)
     # The count is the same on every rank and for every seed.
-    return len(_train_sampler(cfg, train_split, batch_size=batch_size, rank=0, world_size=world_size, seed=0))
+    return len(_train_sampler(cfg, train_split.length, train_split.default_block_rows, _where(train_split),
+                              batch_size=batch_size, rank=0, world_size=world_size, seed=0))
 
 
 def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, rank: int, world_size: int,
-                      seed: int, device: torch.device, num_classes: Optional[int], in_channels: Optional[int],
+                      seed: int, device: torch.device, class_counts: Optional[Mapping[str, int]] = None,
+                      image_channels: Optional[int] = None, datasets: Optional[tuple[Dataset, Dataset]] = None,
                       stats_rows: Optional[int] = None) -> Loaders:
-    """Validate the splits against the model and build this rank's training and validation loaders;
-    `train_eval` covers the first `stats_rows` training rows (all if None).
+    """Validate the data and build this rank's training and validation loaders; `train_eval` covers the first
+    `stats_rows` training rows (all if None).
 
-    Raises DataError (naming file and key) for unusable data, before any batch is read.
+    The data: cfg's HDF5 splits, or `datasets`, a user's map-style (train, val) datasets whose items are dicts
+    of tensors (user.py). `class_counts` {field: number of classes} checks those fields hold class indices
+    in range; `image_channels` checks the channels of every image field. Raises DataError (naming file and
+    key, or dataset and field) for unusable data, before any batch is read.
     """
-    train_split, val_split = config_splits(cfg)
-    _check_shapes(train_split, val_split, in_channels)
-    train_sampler = _train_sampler(cfg, train_split, batch_size=batch_size, rank=rank, world_size=world_size,
-                                   seed=seed)
+    if datasets is not None:
+        train_set, val_set = user_datasets(datasets, cfg, class_counts=class_counts, image_channels=image_channels)
+        block_rows, where, field_shapes = 1, train_set.name, train_set.field_shapes
+    else:
+        train_split, val_split = config_splits(cfg)
+        _check_shapes(train_split, val_split, image_channels)
+        block_rows, where, field_shapes = train_split.default_block_rows, _where(train_split), train_split.field_shapes
+    train_sampler = _train_sampler(cfg, len(train_set) if datasets is not None else train_split.length, block_rows,
+                                   where, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
     block_rows = train_sampler.block_rows
-    val_sampler = ShardBatchSampler(val_split.length, batch_size=val_batch_size, rank=rank, world_size=world_size)
-    train_eval_sampler = ShardBatchSampler(min(stats_rows or train_split.length, train_split.length),
+    if datasets is None:
+        train_set = _dataset(train_split, cfg, class_counts=class_counts, shuffle=cfg.shuffle, batch_size=batch_size,
+                             block_rows=block_rows)
+        val_set = _dataset(val_split, cfg, class_counts=class_counts, shuffle="none", batch_size=val_batch_size,
+                           block_rows=block_rows)
+    sample_transform, batch_transform, image = _transforms(cfg, train_set, where)
+    val_sampler = ShardBatchSampler(len(val_set), batch_size=val_batch_size, rank=rank, world_size=world_size)
+    train_eval_sampler = ShardBatchSampler(min(stats_rows or len(train_set), len(train_set)),
                                            batch_size=val_batch_size, rank=rank, world_size=world_size)
-    sample_transform, batch_transform = _transforms(cfg, train_split)
-    train_set = _dataset(train_split, cfg, num_classes=num_classes, shuffle=cfg.shuffle, batch_size=batch_size,
-                         block_rows=block_rows)
     augmented_train_set, train_batches = train_set, train_sampler
     if sample_transform is not None:
-        augmented_train_set = SampleTransformDataset(train_set, sample_transform, seed)
+        augmented_train_set = SampleTransformDataset(train_set, sample_transform, seed, image)
         train_batches = EpochBatches(train_sampler)
-    val_set = _dataset(val_split, cfg, num_classes=num_classes, shuffle="none", batch_size=val_batch_size,
-                       block_rows=block_rows)
     train_prefetch = prefetch_batches(cfg, shuffle=cfg.shuffle, batch_size=batch_size, block_rows=block_rows)
     eval_prefetch = prefetch_batches(cfg, shuffle="none", batch_size=val_batch_size, block_rows=block_rows)
     return Loaders(
@@ -197,10 +236,11 @@ def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, 
                       prefetch_factor=train_prefetch),
         val=_loader(val_set, val_sampler, cfg, device=device, seed=seed, rank=rank, prefetch_factor=eval_prefetch),
         train_sampler=train_sampler,
-        train_size=train_split.length,
-        val_size=val_split.length,
+        train_size=len(train_set),
+        val_size=len(val_set),
         train_eval=_loader(train_set, train_eval_sampler, cfg, device=device, seed=seed, rank=rank,
                            prefetch_factor=eval_prefetch),
-        sample_shape=train_split.image_shape,
+        field_shapes=field_shapes,
+        sample_shape=field_shapes.get("image"),
         batch_transform=batch_transform,
     )

@@ -91,33 +91,39 @@ def check_transform(transform: Transform, images: torch.Tensor, *, key: str, sou
 
 
 class SampleTransformDataset(Dataset):
-    """Another batched dataset's batches with `transform` applied to each image on its own, in the process
-    that reads (a DataLoader worker). Indexed by (epoch, rows) (`EpochBatches`): each image draws its random
-    parameters from generators seeded by (seed, epoch, row id), the same in any worker and after a resume."""
+    """Another batched dataset's batches with `transform` applied to each row of the image field `image` on
+    its own, in the process that reads (a DataLoader worker). Indexed by (epoch, rows) (`EpochBatches`): each
+    image draws its random parameters from generators seeded by (seed, epoch, row id), the same in any worker
+    and after a resume. The other fields pass through unchanged."""
 
-    def __init__(self, dataset: Dataset, transform: Transform, seed: int):
+    def __init__(self, dataset: Dataset, transform: Transform, seed: int, image: str):
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
+        self.image = image
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: tuple[int, np.ndarray]) -> Batch:
         epoch, rows = index
-        images, labels, ids = self.dataset[rows]
+        fields, ids = self.dataset[rows]
         transformed = []
-        for image, row in zip(images, ids.tolist()):
+        for image, row in zip(fields[self.image], ids.tolist()):
             with seeded(draw_seed(self.seed, epoch, row), torch_only=True):
                 transformed.append(self.transform(image))
         first = transformed[0]
-        out, out_labels, out_ids = batch_buffers(len(transformed), tuple(first.shape), first.dtype)
+        specs = {name: (tuple(t.shape[1:]), t.dtype) for name, t in fields.items()}
+        specs[self.image] = (tuple(first.shape), first.dtype)
+        out, out_ids = batch_buffers(len(transformed), specs)
         try:
-            torch.stack(transformed, out=out)
+            torch.stack(transformed, out=out[self.image])
         except RuntimeError as exc:
             shapes = sorted({(tuple(t.shape), str(t.dtype)) for t in transformed})
             raise DataError(f"data.sample_transforms returned images of different shapes or dtypes in one batch "
                             f"({shapes}); every image must come out at the stored size") from exc
-        out_labels.copy_(labels)
+        for name, values in fields.items():
+            if name != self.image:
+                out[name].copy_(values)
         out_ids.copy_(ids)
-        return out, out_labels, out_ids
+        return out, out_ids

@@ -1,6 +1,7 @@
-"""Writing splits to HDF5: the single writer behind every converter and test file, atomic by construction.
+"""Writing splits to HDF5: the writers behind every converter and test file, atomic by construction.
 
-Layout written: per split (a group, or the file root) an `images` dataset chunked in whole rows of ~1 MiB
+`write_fields` writes any named arrays (one row per sample each) as a split's fields, chunked in whole rows.
+`write_h5` / `SplitWriter` write the image-classification layout: per split (a group, or the file root) an `images` dataset chunked in whole rows of ~1 MiB
 (what the chunk sampler reads as one block), optionally compressed, with a `layout` attribute; and a
 contiguous `labels` dataset with `num_classes`, `label_min`, `label_max` and optional `class_names`
 attributes, so readers can validate labels without scanning them.
@@ -44,10 +45,7 @@ class SplitWriter:
             raise DataError(f"{f.filename}: compression {compression!r} is not one of none, gzip, lzf")
         if length < 1:
             raise DataError(f"{f.filename}: split '{group or '/'}' would be empty; it needs at least one image")
-        steps = [(part, "the split's group") for part in group.split("/") if part]
-        node, _ = resolve_path(f, steps, allow_external=False, external_hint=WRITE_OUTSIDE_HINT, create_groups=True)
-        if not isinstance(node, h5py.Group):
-            raise DataError(f"{f.filename}: '{node.name}' is a dataset, not a group; write the split to another group")
+        node = _split_group(f, group)
         for key in ("images", "labels"):
             if key in node:
                 raise DataError(f"{f.filename}: '{node.name.rstrip('/')}/{key}' already exists; write the split "
@@ -143,6 +141,84 @@ def write_split(f: h5py.File, images: np.ndarray, labels: np.ndarray, *, group: 
                          layout=layout, label_dtype=labels.dtype, chunk_rows=chunk_rows, compression=compression)
     writer.write(images, labels)
     writer.finish(class_names, attrs)
+
+
+def _split_group(f: h5py.File, group: str) -> h5py.Group:
+    steps = [(part, "the split's group") for part in group.split("/") if part]
+    node, _ = resolve_path(f, steps, allow_external=False, external_hint=WRITE_OUTSIDE_HINT, create_groups=True)
+    if not isinstance(node, h5py.Group):
+        raise DataError(f"{f.filename}: '{node.name}' is a dataset, not a group; write the split to another group")
+    return node
+
+
+def write_field_arrays(f: h5py.File, arrays: Mapping[str, np.ndarray], *, group: str = "",
+                       chunk_rows: Optional[int] = None, compression: Optional[str] = None,
+                       layouts: Optional[Mapping[str, str]] = None, attrs: Optional[Mapping[str, object]] = None) -> None:
+    """Write in-memory arrays as the fields of one split of an open file (see `write_fields`)."""
+    where = f"{f.filename}: split '{group or '/'}'"
+    arrays = {str(key): np.asarray(value) for key, value in arrays.items()}
+    if not arrays:
+        raise DataError(f"{where}: no arrays to write")
+    if compression not in COMPRESSIONS:
+        raise DataError(f"{f.filename}: compression {compression!r} is not one of none, gzip, lzf")
+    for key, array in arrays.items():
+        if array.ndim == 0 or array.dtype.kind not in "biuf":
+            raise DataError(f"{where}: '{key}' has shape {array.shape} and dtype {array.dtype}; a field needs one row "
+                            "per sample (at least 1-D) of numbers")
+    lengths = {key: len(array) for key, array in arrays.items()}
+    if len(set(lengths.values())) > 1 or 0 in lengths.values():
+        raise DataError(f"{where}: every field needs the same number of rows (at least one), got "
+                        f"{', '.join(f'{key}: {n}' for key, n in lengths.items())}")
+    for key, layout in (layouts or {}).items():
+        if key not in arrays or layout not in LAYOUTS:
+            raise DataError(f"{where}: layouts[{key!r}] = {layout!r}: needs one of the arrays and one of "
+                            f"{', '.join(LAYOUTS)}")
+    node = _split_group(f, group)
+    for key in arrays:
+        if key in node:
+            raise DataError(f"{f.filename}: '{node.name.rstrip('/')}/{key}' already exists; write the split to another "
+                            "group or a new file")
+    # One chunk length for every field, from the largest rows: the chunk sampler's block is that field's chunk.
+    length = next(iter(lengths.values()))
+    widest = max(int(np.prod(array.shape[1:])) * array.dtype.itemsize for array in arrays.values())
+    rows = min(length, chunk_rows or rows_for_bytes(widest))
+    for key, array in arrays.items():
+        dataset = node.create_dataset(key, data=array, chunks=(rows, *array.shape[1:]), compression=compression)
+        if key in (layouts or {}):
+            dataset.attrs["layout"] = layouts[key]
+    for key, value in (attrs or {}).items():
+        node.attrs[key] = value
+
+
+def write_fields(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], *, group: str = "",
+                 chunk_rows: Optional[int] = None, compression: Optional[str] = None,
+                 layouts: Optional[Mapping[str, str]] = None, attrs: Optional[Mapping[str, object]] = None,
+                 append_group: bool = False) -> None:
+    """Write any named arrays as one split of `path` atomically: `arrays` {dataset key: array}, each with one
+    row per sample along axis 0 (the same count for all), any numeric dtype and row shape; read them with
+    data.fields {field name: dataset key}. A 1-D token stream is written the same way ({"tokens": ids}) and read
+    with data.tokens. group: the split's group, "" for the file root. chunk_rows: rows per HDF5 chunk for every
+    array (default ~1 MiB of the largest rows). compression: None, "gzip" or "lzf". layouts: {key: NCHW | NHWC}
+    for 4-D image arrays (stored as the `layout` attribute). attrs: attributes of the split's group.
+    append_group: keep the file's other groups instead of replacing the file.
+    """
+    needed = sum(np.asarray(array).nbytes for array in arrays.values())
+    with atomic_h5(path, append=append_group, needed_bytes=needed) as f:
+        write_field_arrays(f, arrays, group=group, chunk_rows=chunk_rows, compression=compression, layouts=layouts,
+                           attrs=attrs)
+
+
+def write_tokens(path: str | os.PathLike, tokens: np.ndarray, *, group: str = "", key: str = "tokens",
+                 chunk_rows: Optional[int] = None, compression: Optional[str] = None,
+                 append_group: bool = False) -> None:
+    """Write a 1-D integer token stream as the dataset `key` of the split `group` (read with data.tokens: key
+    and data.context_length); chunked in ~1 MiB of tokens unless `chunk_rows` (tokens per chunk) is given."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+        raise DataError(f"{path}: tokens for '{group or '/'}' must be a 1-D integer array of token ids, got shape "
+                        f"{tokens.shape} and dtype {tokens.dtype}")
+    write_fields(path, {key: tokens}, group=group, chunk_rows=chunk_rows, compression=compression,
+                 append_group=append_group)
 
 
 def write_h5(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, *, group: str = "",
