@@ -367,11 +367,11 @@ def _build(cfg: Config, rt: Runtime, build_net: Callable[[], nn.Module], objecti
     even before DDP broadcasts rank 0's), probed with one batch (which also gives lazy modules their shapes).
     `builtin_model`: cfg.model names a built-in or torchvision model, whose num_classes and in_channels the data
     is checked against."""
+    classes = builtin_model and isinstance(objective, Classification)
     loaders = data.build_dataloaders(
         cfg.data, batch_size=cfg.train.batch_size, val_batch_size=cfg.train.val_batch_size, rank=rt.rank,
         world_size=rt.world_size, seed=cfg.run.seed, device=rt.device,
-        class_counts={objective.target: cfg.model.num_classes}
-        if builtin_model and isinstance(objective, Classification) else None,
+        class_counts={objective.target: cfg.model.num_classes} if classes else None,
         image_channels=cfg.model.in_channels if builtin_model else None, datasets=datasets,
         stats_rows=cfg.swa.bn_rows)
     distributed.seed_everything(cfg.run.seed)
