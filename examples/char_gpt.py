@@ -6,6 +6,7 @@ has: next-token cross-entropy with AdamW, bf16 autocast and torch.compile switch
 """
 
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -61,4 +62,5 @@ if __name__ == "__main__":
     cfg = ddp_kit.load_config(Path(__file__).with_suffix(".yaml"), sys.argv[1:])
     ddp_kit.data.create_once(cfg.data.path, write_text_tokens)
     result = ddp_kit.train(cfg, model=lambda: GPT(cfg.data.context_length), objective=LanguageModel())
-    print(f"validation loss {result['val_loss']:.3f} nats per character")
+    if os.environ.get("RANK", "0") == "0":  # every process returns the same figures
+        print(f"validation loss {result['val_loss']:.3f} nats per character")

@@ -5,6 +5,7 @@ Weighted MSE loss; MSE, MAE and R^2 from summed moments, exact across ranks.
     torchrun --standalone --nproc_per_node=2 examples/regression.py         # regression.yaml next to this file
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,8 +27,7 @@ def write_simulation(path: Path, rows: int = 6000) -> None:
     split = rows * 5 // 6
     for group, part in (("train", slice(0, split)), ("val", slice(split, rows))):
         ddp_kit.data.write_fields(path, {"features": features[part], "target": target[part],
-                                         "weight": weight[part]}, group=group, image_fields=(),
-                                  append_group=group == "val")
+                                         "weight": weight[part]}, group=group, append_group=group == "val")
 
 
 def mlp(width: int = 128) -> nn.Module:
@@ -38,4 +38,5 @@ if __name__ == "__main__":
     cfg = ddp_kit.load_config(Path(__file__).with_suffix(".yaml"), sys.argv[1:])
     ddp_kit.data.create_once(cfg.data.path, write_simulation)
     result = ddp_kit.train(cfg, model=mlp, objective=Regression(weight="weight"))
-    print(f"validation R^2 {result['val_r2']:.3f}, MSE {result['val_mse']:.4f}")
+    if os.environ.get("RANK", "0") == "0":  # every process returns the same figures
+        print(f"validation R^2 {result['val_r2']:.3f}, MSE {result['val_mse']:.4f}")

@@ -5,6 +5,7 @@ Per-pixel cross-entropy, pixel accuracy and mean IoU from a confusion matrix sum
     torchrun --standalone --nproc_per_node=2 examples/segmentation.py       # segmentation.yaml next to this file
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -61,4 +62,5 @@ if __name__ == "__main__":
     cfg = ddp_kit.load_config(Path(__file__).with_suffix(".yaml"), sys.argv[1:])
     ddp_kit.data.create_once(cfg.data.path, write_shapes)
     result = ddp_kit.train(cfg, model=lambda: UNet(), objective=Segmentation(num_classes=3))
-    print(f"validation mean IoU {result['val_miou']:.3f}, pixel accuracy {result['val_pixel_acc']:.3f}")
+    if os.environ.get("RANK", "0") == "0":  # every process returns the same figures
+        print(f"validation mean IoU {result['val_miou']:.3f}, pixel accuracy {result['val_pixel_acc']:.3f}")

@@ -4,6 +4,7 @@ import yaml
 
 from ddp_kit.config import Config, ConfigError, config_from_dict, load_config, parse_override, save_config, to_dict
 from ddp_kit.data.transforms import build_transform
+from ddp_kit.data import DataError, prepare_data
 
 
 def write(tmp_path, text):
@@ -70,11 +71,14 @@ def test_bad_values_are_refused_with_key_and_value(tmp_path, override, fragment)
     assert fragment in str(err.value)
 
 
-def test_missing_data_file_is_an_error_unless_demo(tmp_path):
+def test_missing_data_file_is_an_error_before_training_unless_demo(tmp_path):
+    # load_config accepts it (a user's script may write the file after reading the config); prepare_data, which
+    # train() runs before any process group, refuses it
     missing = tmp_path / "nope.h5"
-    with pytest.raises(ConfigError, match=f"data.path='{missing}': file does not exist"):
-        load_config(None, [f"data.path={missing}"])
-    load_config(None, [f"data.path={missing}", "data.create_if_missing=digits"])
+    with pytest.raises(DataError, match=f"{missing}: .*does not exist"):
+        prepare_data(load_config(None, [f"data.path={missing}"]).data)
+    prepare_data(load_config(None, [f"data.path={missing}", "data.create_if_missing=digits"]).data)
+    assert missing.is_file()
 
 
 def test_pitfall_combinations_refused(tmp_path):

@@ -521,13 +521,8 @@ def validate(cfg: Config) -> None:
              f"needs 1 or model.in_channels={cfg.model.in_channels} values")
     _require(len(d.std) == len(d.mean) and all(x > 0 for x in d.std), "data.std", d.std,
              "needs as many positive values as data.mean")
-    _require(d.path is None or d.create_if_missing is not None or Path(d.path).is_file(), "data.path", d.path,
-             "file does not exist; convert your data with `ddp-kit data ...`, set data.create_if_missing, or set "
-             "data.path: null when you pass datasets= to ddp_kit.train")
     _require(d.path is not None or d.val_path is None, "data.val_path", d.val_path, "needs data.path")
     _validate_fields(d)
-    _require(d.val_path is None or Path(d.val_path).is_file(), "data.val_path", d.val_path,
-             "file does not exist")
     _require(cfg.amp.init_scale > 0, "amp.init_scale", cfg.amp.init_scale, "must be > 0")
     w = cfg.swa
     _require(w.start > 0, "swa.start", w.start, "must be > 0 (an epoch index >= 1 or a fraction of train.epochs)")
