@@ -51,3 +51,15 @@ def non_scalar_loss(output, batch):
 
 
 non_scalar = objective_from_functions(non_scalar_loss, margin_sums)
+
+
+class RegressionNet(nn.Module):
+    """features (N x F) -> prediction (N x outputs), optionally with BatchNorm1d after the hidden layer."""
+
+    def __init__(self, features: int, outputs: int, width: int = 32, batch_norm: bool = False):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, width), *([nn.BatchNorm1d(width)] if batch_norm else []),
+                                 nn.Tanh(), nn.Linear(width, outputs))
+
+    def forward(self, features):
+        return self.net(features)
