@@ -387,6 +387,7 @@ class Measurement:
     losses: list = field(default_factory=list)  # last epoch's mean training loss, one per repeat
     warmups: list = field(default_factory=list)  # seconds of the first (untimed) epoch, one per repeat
     settle_shares: list = field(default_factory=list)  # ddp_kit under DDP: bucket settling / (it + all epochs)
+    settle_steps: list = field(default_factory=list)  # the same settling in steady optimizer steps of that run
     errors: list = field(default_factory=list)
 
     @property
@@ -582,6 +583,7 @@ def main() -> None:
                 settle = result.get("settle_s")
                 if settle is not None:
                     m.settle_shares.append(settle / (settle + sum(e[1] for e in result["epochs"])))
+                    m.settle_steps.append(settle * rate / (m.case.batch_size * m.case.nproc * m.case.accum))
                 print(f"[{repeat + 1}/{args.repeats}] {m.case.label:28} n={m.case.nproc} {rate:10,.0f} samples/s "
                       f"(run {wall:5.1f} s, load {loadavg()})", flush=True)
         elapsed = time.perf_counter() - started
@@ -593,10 +595,12 @@ def main() -> None:
     settling = [m for m in measurements if m.settle_shares]
     if settling:
         print("\nddp_kit's one discarded forward/backward before the first step (DDP buckets settled, so that resume "
-              "is exact at 3+ processes), as a share of the run's training time (it + every epoch):\n")
+              "is exact at 3+ processes), as a share of the run's training time (it + every epoch), and in steady "
+              "optimizer steps (it holds the process's one-time warm-up, which the first step pays without it; "
+              "a run of N steps pays it once):\n")
         for m in settling:
-            print(f"- {m.case.label} ({m.case.nproc} processes): median {statistics.median(m.settle_shares):.3%}, "
-                  f"max {max(m.settle_shares):.3%}")
+            print(f"- {m.case.label} ({m.case.nproc} processes): median {statistics.median(m.settle_shares):.3%} "
+                  f"(max {max(m.settle_shares):.3%}) of this run, {statistics.median(m.settle_steps):.1f} steps")
     if args.json:
         raw = [{**asdict(m.case), "rates": m.rates, "by_repeat": m.by_repeat, "losses": m.losses,
                 "warmups": m.warmups, "errors": m.errors} for m in measurements]

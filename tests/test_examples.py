@@ -4,7 +4,9 @@ processes, its own YAML, data written on first use), shortened, and must reach i
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,9 @@ def test_example_trains_to_its_stated_quality(tmp_path, name, overrides, metric,
     printed = re.findall(r"^validation .*$", out, flags=re.M)
     assert len(printed) == 1, out[-2000:]  # once, by rank 0
     assert (tmp_path / "runs" / name / "model.pt").is_file() and (tmp_path / "data").is_dir()
+    if name == "regression":  # the CLI takes the example's model by the import path its YAML names
+        out = run([sys.executable, "-m", "ddp_kit.cli", "evaluate", "--config", str(EXAMPLES / f"{name}.yaml"),
+                   "--checkpoint", str(tmp_path / "runs" / name / "model.pt"), *overrides], timeout=60, cwd=tmp_path,
+                  env={"PYTHONPATH": os.pathsep.join(filter(None, [str(EXAMPLES), os.environ.get("PYTHONPATH")]))})
+        evaluated = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+        assert evaluated["val_r2"] == pytest.approx(record["val_r2"], rel=1e-9)
