@@ -2,7 +2,9 @@
 
 One run, side by side, on the CPU: the same HDF5 data (written with ddp_kit.data.write_h5), the same model
 (ddp_kit.models.build_model: `mlp` as the tiny model where per-step overhead shows, `small_cnn` as the small
-CNN), the same optimizer (SGD, momentum 0.9, no Nesterov, no weight decay, constant lr), the same batch size,
+CNN; and the character GPT of examples/char_gpt.py on its token stream, against a hand-written nanoGPT-style
+loop, both with AdamW), the same optimizer (SGD, momentum 0.9, no Nesterov, no weight decay, constant lr; AdamW
+without weight decay for the GPT), the same batch size,
 the same number of epochs and steps, the same torch thread count. Loops:
 
   hand        the hand-written reference: the split's arrays in RAM as tensors, TensorDataset + DataLoader
@@ -69,7 +71,9 @@ RESULT_TAG = "OVERHEAD_RESULT "
 SETTLE_LINE = re.compile(r"gradient buckets settled by one discarded forward/backward in ([0-9.]+) s")
 LOOPS = ("hand", "hand-index", "ddp_kit-mem", "ddp_kit-h5", "lightning", "accelerate")
 VARIANTS = ("base", "amp", "accum", "compile", "threads", "2proc", "4proc")
-MODELS = {"tiny": "mlp", "cnn": "small_cnn"}
+MODELS = {"tiny": "mlp", "cnn": "small_cnn", "gpt": "char_gpt:GPT"}  # gpt: examples/char_gpt.py
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+GPT_CONTEXT, GPT_LR = 64, 1e-3  # the example's windows; AdamW for the GPT (nanoGPT's choice), SGD otherwise
 LR, MOMENTUM = 0.05, 0.9
 MEAN, STD = 0.5, 0.5  # ddp_kit's default data.mean / data.std, applied the same way by every loop
 
@@ -102,13 +106,16 @@ class Case:
 # Data: the same HDF5 file for every loop.
 
 
-def write_data(path: Path, train_rows: int, val_rows: int = 256, seed: int = 0) -> None:
-    """Learnable synthetic 1x32x32 uint8 images: 10 similar smooth class templates plus noise, 20% of the labels
+def write_data(path: Path, model: str, train_rows: int, val_rows: int = 256, seed: int = 0) -> None:
+    """For the GPT: the character example's token stream (the standard library's source). Otherwise learnable synthetic 1x32x32 uint8 images: 10 similar smooth class templates plus noise, 20% of the labels
     random, so the loss stays well above 0 and shows that every loop trains the same way."""
     import numpy as np
 
     from ddp_kit.data import write_h5
 
+    if model == "gpt":
+        _examples().write_text_tokens(path)
+        return
     rng = np.random.default_rng(seed)
     shared = rng.uniform(0, 255, size=(1, 1, 8, 8))
     coarse = 0.8 * shared + 0.2 * rng.uniform(0, 255, size=(10, 1, 8, 8))
@@ -121,13 +128,37 @@ def write_data(path: Path, train_rows: int, val_rows: int = 256, seed: int = 0) 
         write_h5(path, images, labels, group=group, append_group=group != "train")
 
 
+def _examples():
+    sys.path.insert(0, str(EXAMPLES))
+    import char_gpt
+
+    return char_gpt
+
+
 def load_arrays(path: str):
-    """The training split's images (uint8, N x 1 x 32 x 32) and labels (int64) as CPU tensors in RAM."""
+    """The training split as CPU tensors in RAM: images (uint8, N x 1 x 32 x 32) and labels (int64), or for the
+    GPT its windows (N x context + 1 tokens, non-overlapping, as ddp_kit's data.tokens cuts them)."""
     import h5py
     import torch
 
     with h5py.File(path, "r", locking=False) as f:
+        if "tokens" in f["train"]:
+            tokens = torch.from_numpy(f["train/tokens"][()].astype("int64"))
+            windows = len(tokens) // (GPT_CONTEXT + 1)
+            return (tokens[:windows * (GPT_CONTEXT + 1)].view(windows, GPT_CONTEXT + 1),)
         return torch.from_numpy(f["train/images"][()]), torch.from_numpy(f["train/labels"][()].astype("int64"))
+
+
+def hand_loss(model, batch):
+    """The loss of one batch as the hand-written loops compute it: next-token cross-entropy for the GPT,
+    cross-entropy of the normalized images otherwise."""
+    import torch.nn.functional as F
+
+    if len(batch) == 1:
+        (windows,) = batch
+        return F.cross_entropy(model(windows[:, :-1]).flatten(0, 1), windows[:, 1:].flatten())
+    x, y = batch
+    return F.cross_entropy(model(normalize(x)), y)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,6 +192,9 @@ def build(case: Case):
     from ddp_kit.models import build_model
 
     torch.manual_seed(0)
+    if case.model == "gpt":
+        model = _examples().GPT(GPT_CONTEXT)
+        return model, torch.optim.AdamW(model.parameters(), lr=GPT_LR, weight_decay=0.0)
     model = build_model(ModelConfig(name=MODELS[case.model]), example_input_shape=(1, 32, 32))
     return model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
@@ -171,14 +205,12 @@ def run_hand(case: Case) -> dict:
 
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
-    images, labels = load_arrays(case.data)
-    dataset = TensorDataset(images, labels)
+    dataset = TensorDataset(*load_arrays(case.data))
     sampler = DistributedSampler(dataset, shuffle=True, seed=0) if world > 1 else None
     loader = DataLoader(dataset, batch_size=case.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=case.workers, persistent_workers=case.workers > 0)
@@ -192,18 +224,18 @@ def run_hand(case: Case) -> dict:
             sampler.set_epoch(epoch)
         start = time.perf_counter()
         epoch_loss, samples, n = torch.zeros(()), 0, len(loader)
-        for i, (x, y) in enumerate(loader):
+        for i, batch in enumerate(loader):
             step_now = (i + 1) % case.accum == 0 or i + 1 == n
             sync = contextlib.nullcontext() if world == 1 or step_now else train_model.no_sync()
             with sync:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.amp):
-                    loss = F.cross_entropy(train_model(normalize(x)), y)
+                    loss = hand_loss(train_model, batch)
                 (loss / case.accum if case.accum > 1 else loss).backward()
             if step_now:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             epoch_loss += loss.detach()
-            samples += len(y)
+            samples += len(batch[0])
         if world > 1:
             dist.all_reduce(epoch_loss)
         mean_loss = epoch_loss.item() / n / world
@@ -255,7 +287,13 @@ def ddp_kit_overrides(case: Case) -> list[str]:
         f"amp.enabled={'true' if case.amp else 'false'}", "amp.dtype=bf16",
         f"compile.enabled={'true' if case.compile else 'false'}",
         "checkpoint.every_epochs=0", "checkpoint.best_metric=null",
-    ] + list(case.overrides)
+    ] + (GPT_OVERRIDES if case.model == "gpt" else []) + list(case.overrides)
+
+
+# the character GPT as examples/char_gpt.py trains it (the model by import path: run_case puts examples/ on the path)
+GPT_OVERRIDES = ["data.tokens=tokens", f"data.context_length={GPT_CONTEXT}", "model.name=char_gpt:GPT",
+                 f"model.kwargs={{context: {GPT_CONTEXT}}}", "model.inputs=[input]", "objective.name=language_model",
+                 "optim.name=adamw", f"optim.lr={GPT_LR}", "optim.weight_decay=0"]
 
 
 def run_ddp_kit(case: Case) -> dict:
@@ -401,13 +439,21 @@ def build_cases(args) -> list[Case]:
     cases = []
     for model in args.only:
         common = dict(model=model, threads=args.threads, batch_size=args.batch_size,
-                      epochs=args.epochs_tiny if model == "tiny" else args.epochs_cnn, workers=args.workers,
+                      epochs={"tiny": args.epochs_tiny, "cnn": args.epochs_cnn, "gpt": args.epochs_gpt}[model],
+                      workers=args.workers,
                       overrides=list(args.ddp_kit_set))
 
         def add(loop, variant, **kw):
             if loop in args.loops and variant in args.variants:
                 cases.append(Case(loop=loop, variant=variant, **{**common, **kw}))
 
+        if model == "gpt":  # ddp_kit against the hand-written nanoGPT-style loop only
+            for loop in ("hand", "ddp_kit-mem", "ddp_kit-h5"):
+                add(loop, "base")
+            for loop in ("hand", "ddp_kit-mem"):
+                add(loop, "amp", amp=True)
+                add(loop, "2proc", nproc=2)
+            continue
         for loop in LOOPS:
             if loop == "hand-index" and model != "tiny":
                 continue
@@ -444,7 +490,8 @@ def command(case: Case, python: str) -> list[str]:
 def run_case(case: Case, python: str, timeout: float, inductor_cache: Path) -> tuple[dict | None, str]:
     Path(case.workdir).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(case.threads), PYTHONWARNINGS="ignore",
-               TORCHINDUCTOR_CACHE_DIR=str(inductor_cache))
+               TORCHINDUCTOR_CACHE_DIR=str(inductor_cache),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(EXAMPLES), os.environ.get("PYTHONPATH")])))
     try:
         proc = subprocess.run(command(case, python), env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -508,7 +555,7 @@ def print_table(measurements: list[Measurement], out=sys.stdout) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=tuple(MODELS), default=list(MODELS),
-                        help="models: tiny (mlp) and/or cnn (small_cnn)")
+                        help="models: tiny (mlp), cnn (small_cnn), gpt (examples/char_gpt.py, AdamW)")
     parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="base; amp (bf16 autocast); accum (accum_steps=4, tiny model); compile (tiny model); "
@@ -525,6 +572,7 @@ def main() -> None:
     parser.add_argument("--epochs-tiny", type=int, default=6)
     parser.add_argument("--epochs-cnn", type=int, default=3)
     parser.add_argument("--epochs-compile", type=int, default=4)
+    parser.add_argument("--epochs-gpt", type=int, default=3)
     parser.add_argument("--ddp-kit-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for the ddp_kit loops, e.g. train.log_every_steps=100")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per configuration run")
@@ -550,7 +598,7 @@ def main() -> None:
         data = {}
         for model in args.only:
             data[model] = Path(tmp) / f"{model}.h5"
-            write_data(data[model], args.tiny_rows if model == "tiny" else args.cnn_rows)
+            write_data(data[model], model, args.tiny_rows if model == "tiny" else args.cnn_rows)
         cases = build_cases(args)
         if args.wait_load is not None:
             deadline = time.monotonic() + 1800
