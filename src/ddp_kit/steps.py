@@ -80,8 +80,9 @@ class LossMeter:
         self.window.zero_()
 
     def interval_mean(self) -> float:
-        """This rank's mean micro-batch loss since the last call (a host read)."""
-        mean = self._interval.item() / max(self._interval_micro, 1)
+        """This rank's mean micro-batch loss since the last call (a host read); NaN when every step since then was
+        skipped (a 0 would read as a perfect fit)."""
+        mean = self._interval.item() / self._interval_micro if self._interval_micro else float("nan")
         self._interval.zero_()
         self._interval_micro = 0
         return mean
