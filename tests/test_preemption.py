@@ -116,7 +116,11 @@ _WORKER = textwrap.dedent("""
 
 
 def test_protected_worker_ignores_sigterm_from_others_but_obeys_its_parent():
-    worker = subprocess.Popen([sys.executable, "-c", _WORKER], stdout=subprocess.PIPE, text=True)
+    # OMP_NUM_THREADS=1 as torchrun sets it: importing ddp_kit imports numpy, whose OpenBLAS would otherwise start
+    # a thread pool before protect_dataloader_worker runs; a thread that does not block SIGTERM takes its default
+    # action (a forked DataLoader worker has no such thread: fork copies only the calling thread)
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         assert worker.stdout.readline().strip() == "ready"
         for sig in (signal.SIGUSR1, signal.SIGUSR2):

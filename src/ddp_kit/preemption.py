@@ -194,7 +194,9 @@ def protect_dataloader_worker() -> None:
     Here SIGTERM ends the worker only when its parent sends it (PyTorch and multiprocessing shut workers down
     that way); from anyone else it is ignored, and the parent shuts the worker down after its checkpoint.
     SIGUSR1/SIGUSR2 are ignored (a spawned worker would otherwise die of them). A worker whose parent died
-    still exits on its own (PyTorch's worker watchdog).
+    still exits on its own (PyTorch's worker watchdog). Threads started before this call do not block SIGTERM
+    and may take its default action: none exist in a forked worker, but a spawned one has imported numpy, whose
+    OpenBLAS starts a pool unless OMP_NUM_THREADS=1 (torchrun's default with several processes).
     """
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
