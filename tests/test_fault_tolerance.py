@@ -26,6 +26,7 @@ import pytest
 from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
 from ddp_kit.config import load_config
 from ddp_kit.preemption import read_requeue_marker
+from procs import within_test_timeout
 from runs import assert_same_weights, final_model
 from ledger import ledger, ledger_lines, rows_seen, train_rows
 
@@ -78,6 +79,7 @@ class Launch:
         return found
 
     def wait(self, timeout: float) -> int:
+        timeout = within_test_timeout(timeout)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -147,6 +149,7 @@ def max_step(run_dir: Path, rank: int) -> int:
 
 
 def wait_for_step(run_dir: Path, launch: Launch, step: int, rank: int = 0, timeout: float = 120) -> int:
+    timeout = within_test_timeout(timeout)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         current = max_step(run_dir, rank)
@@ -264,7 +267,7 @@ def test_restart_budget_exhausted_fails_and_names_the_rank(runs, launches):
     launch = runs.torchrun(launches, "budget", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
                            "--monitor-interval=0.5")
     for attempt in (0, 1):
-        end = time.monotonic() + 120
+        end = time.monotonic() + within_test_timeout(120)
         while (1, attempt) not in launch.workers():
             assert time.monotonic() < end, launch.output()[-6000:]
             assert launch.proc.poll() is None, launch.output()[-6000:]
@@ -426,7 +429,7 @@ def _run_stuck(runs, launches, timeout_s: float) -> Launch:
     script.write_text(STUCK)
     launch = runs.torchrun(launches, f"stuck{timeout_s:g}", "--standalone", "--nproc_per_node=2",
                            script_args=[str(script), str(timeout_s)])
-    end = time.monotonic() + 60
+    end = time.monotonic() + within_test_timeout(60)
     while launch.output().count("joined") < 2:
         assert time.monotonic() < end and launch.proc.poll() is None, launch.output()[-6000:]
         time.sleep(0.05)
