@@ -3,8 +3,9 @@
 Every run is compared with the uninterrupted reference run of the same number of processes: final parameters
 bit-identical (torch.equal), and the sample ledger (train.record_sample_ids) identical once a restart's
 re-written lines are reduced to their last occurrence. Exactness is tested at 3 and 4 processes as well as 2:
-with two ranks a + b == b + a hides a change in the order gradients are summed (issue 18). Every process runs under a timeout; every process a test started (torchrun, its workers,
-their DataLoader workers, orphans included) is found by a tag in its environment and killed at the end.
+with two ranks a + b == b + a hides a change in the order gradients are summed (issue 18). Every process runs
+under a timeout; every process a test started (torchrun, its workers, their DataLoader workers, orphans
+included) is found by a tag in its environment and killed at the end.
 """
 
 from __future__ import annotations
@@ -353,7 +354,7 @@ def test_stop_signal_checkpoints_same_step_and_resumes_with_nothing_redone(runs,
     else:
         # Rank 0 writes the marker and names the signal it saw itself; here only rank 1 was signalled.
         assert marker["signal"] in ("SIGUSR2", None)
-    assert {max_step(run_dir, rank) for rank in range(world)} == {stopped}  # every rank stopped after one step
+    assert {max_step(run_dir, rank) for rank in range(world)} == {stopped}  # all stopped after the same step
     assert load_checkpoint(CheckpointManager(run_dir / "checkpoints",
                                              load_config(run_dir / "config.yaml").checkpoint).latest())["step"] == stopped
 
