@@ -14,6 +14,23 @@ from ddp_kit import launch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# When the running test's pytest timeout fires (time.monotonic()), less a margin; set by tests/conftest.py.
+_test_deadline: float | None = None
+
+
+def set_test_deadline(deadline: float | None) -> None:
+    global _test_deadline
+    _test_deadline = deadline
+
+
+def within_test_timeout(timeout: float) -> float:
+    """`timeout` shortened to end before the running test's pytest timeout (one budget, pyproject's or the
+    test's @pytest.mark.timeout): a hung process then fails with its own message and output instead of
+    pytest-timeout's stack dump, however many processes the test ran before it."""
+    if _test_deadline is None:
+        return timeout
+    return max(1.0, min(timeout, _test_deadline - time.monotonic()))
+
 
 def torchrun_command(nproc: int, *args: str) -> list[str]:
     """torchrun --standalone with `nproc` processes of `args` (a script and its arguments, or -m module ...)."""
@@ -41,13 +58,14 @@ def run_together(commands: list[list[str]], *, timeout: float = 180, env: dict |
     logs = [tempfile.TemporaryFile("w+") for _ in commands]
     procs = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=full_env,
                               start_new_session=True) for command, log in zip(commands, logs)]
+    timeout = within_test_timeout(timeout)
     deadline = time.monotonic() + timeout
     try:
         for proc, command, log in zip(procs, commands, logs):
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                raise AssertionError(f"timed out after {timeout} s: {' '.join(command)}\n"
+                raise AssertionError(f"timed out after {timeout:.0f} s: {' '.join(command)}\n"
                                      f"{_read(log)[-6000:]}") from None
     finally:
         for proc in procs:

@@ -49,6 +49,8 @@ from typing import Optional
 
 import pytest
 
+from procs import within_test_timeout
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "munged"]
 INSTALL_TIMEOUT_S = 300  # apt-get update and install together; the suite's 20-minute CI budget includes it
@@ -396,6 +398,7 @@ class SlurmCluster:
         return path.read_text(errors="replace") if path.exists() else f"(no output file {path})"
 
     def wait_state(self, job_id: str, states: set[str], timeout: float) -> dict[str, str]:
+        timeout = within_test_timeout(timeout)
         end = time.monotonic() + timeout
         info = self.job(job_id)
         while info["JobState"] not in states:
@@ -408,6 +411,7 @@ class SlurmCluster:
 
     def wait_for_log(self, pattern: str, timeout: float) -> re.Match:
         """The first line of the daemons' logs that matches `pattern`, waiting for it up to `timeout` seconds."""
+        timeout = within_test_timeout(timeout)
         end = time.monotonic() + timeout
         while True:
             for path in (self.base / "slurmctld.log", *self._log_files()):

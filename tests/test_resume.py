@@ -65,14 +65,20 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint(tiny_h5, tmp_path):
 
 
 def test_mid_epoch_resume_with_other_loader_workers_finishes_the_epoch_in_its_order(tiny_h5, tmp_path):
-    # Chunk shuffle orders batches for the loader's workers; 12 batches per epoch, stopped after 5.
-    overrides = tiny_overrides(tiny_h5, tmp_path, "workers", **{"train.record_sample_ids": "true"})
+    # Chunk shuffle orders batches for the loader's workers; 12 batches per epoch, stopped after 5. The rest of
+    # epoch 0 keeps the 2-worker order (epoch 1 takes the new worker count's), so the ledger is the one of an
+    # uninterrupted run with 2 workers up to the end of epoch 0.
+    record = {"train.record_sample_ids": "true"}
+    full = tiny_overrides(tiny_h5, tmp_path, "workers-full", **record, **{"data.num_workers": 2, "train.epochs": 1})
+    run(train_command(1, CONFIG, full))
+    overrides = tiny_overrides(tiny_h5, tmp_path, "workers", **record)
     run(train_command(1, CONFIG, [*overrides, "data.num_workers=2", "train.max_steps=5"]))
     out = run(train_command(1, CONFIG, [*overrides, "data.num_workers=0"])).stdout
     assert "step 5" in out.split("resumed from")[1].splitlines()[0]
-    entries, _ = ledger(tmp_path / "workers", world=1)
-    assert sorted({epoch for _, epoch, _, _ in entries}) == [0, 1]
-    assert all(sorted(rows_seen(entries, epoch).elements()) == list(range(96)) for epoch in (0, 1))
+    entries, counts = ledger(tmp_path / "workers", world=1)
+    assert set(counts.values()) == {1}
+    assert {key: rows for key, rows in entries.items() if key[1] == 0} == ledger(tmp_path / "workers-full", world=1)[0]
+    assert sorted(rows_seen(entries, 1).elements()) == list(range(96))
 
 
 def test_mid_epoch_resume_with_another_sample_order_is_refused(tiny_h5, tmp_path):

@@ -33,7 +33,7 @@ from ddp_kit.checkpoint import CheckpointManager, load_checkpoint
 from ddp_kit.config import CheckpointConfig
 
 from runs import assert_same_weights, final_model, make_classification_file, tiny_overrides
-from procs import REPO, run, train_command
+from procs import REPO, run, train_command, within_test_timeout
 from slurm_cluster import FINISHED, TwoNodeCluster, slurm2  # noqa: F401  (session fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -93,6 +93,7 @@ def _ledger_step(run_dir: Path, rank: int = 0) -> int:
 
 
 def _wait_for_step(cluster, job: str, run_dir: Path, step: int, timeout: float = 240) -> None:
+    timeout = within_test_timeout(timeout)
     end = time.monotonic() + timeout
     while _ledger_step(run_dir) < step:
         assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), cluster.output(job)
