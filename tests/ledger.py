@@ -35,5 +35,6 @@ def rows_seen(entries: dict, epoch: int) -> Counter:
 def train_rows(run_dir: Path) -> int:
     """Rows in the training split the run in `run_dir` was configured with."""
     cfg = load_config(run_dir / "config.yaml")
+    first_field = next(iter((cfg.data.fields or {"image": "images"}).values()))  # null: the default fields
     with h5py.File(cfg.data.path, "r") as f:
-        return len(f[cfg.data.train_group][cfg.data.labels_key])
+        return len(f[cfg.data.train_group][first_field])
