@@ -286,7 +286,8 @@ def test_restart_budget_exhausted_fails_and_names_the_rank(runs, launches):
 
 
 FAILING_ENTRY = textwrap.dedent("""
-    # The real entry point, with rank 1 raising in its third forward pass; it prints when, for the test to time.
+    # The real entry point, with rank 1 raising in its second training step (calls 1-3 are the probe's loss and
+    # sums and the discarded step that settles DDP's buckets); it prints when, for the test to time.
     import os, sys, time
     import torch.nn.functional as F
     from ddp_kit.cli import main
@@ -297,7 +298,7 @@ FAILING_ENTRY = textwrap.dedent("""
     def failing(*args, **kwargs):
         global calls
         calls += 1
-        if os.environ["RANK"] == "1" and calls == 3:
+        if os.environ["RANK"] == "1" and calls == 5:
             print(f"raising at {time.time()!r}", flush=True)
             raise RuntimeError("injected failure on rank 1")
         return cross_entropy(*args, **kwargs)
