@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ddp_kit.config import DataConfig
-from ddp_kit.data import H5ImageDataset, build_dataloaders, describe_split
+from ddp_kit.data import H5Dataset, build_dataloaders, describe_split
 from ddp_kit.data.writer import SplitWriter, atomic_h5
 
 METHODS = ("naive", "full", "chunk", "in-memory")
@@ -129,10 +129,10 @@ def samples_per_second(loader: DataLoader, set_epoch, seconds: float, windows: i
     for epoch in itertools.count():
         if set_epoch is not None:
             set_epoch(epoch)
-        for images, *_ in loader:
+        for fields, rows in loader:  # ddp_kit's batches; the naive loader's are (images, labels)
             now = time.perf_counter()
             if start is not None:
-                samples += len(images)
+                samples += len(rows)
                 if now - start < seconds:
                     continue
                 rates.append(samples / (now - start))
@@ -150,14 +150,14 @@ def block_reads_per_epoch(path: Path, workers: int, batch_size: int, *, order_fo
     set_epoch(0, order_workers=None if order_for_workers else 0)
     replicas = [copy.copy(loader.dataset) for _ in range(workers)]  # copies start without handle or cache
     reads = 0
-    read_block = H5ImageDataset._block
+    read_block = H5Dataset._block
 
-    def counted_block(dataset: H5ImageDataset, block: int):
+    def counted_block(dataset: H5Dataset, info, block: int):
         nonlocal reads
-        reads += block not in dataset._blocks
-        return read_block(dataset, block)
+        reads += (info.name, block) not in dataset._blocks and info.name == "image"  # the images' blocks
+        return read_block(dataset, info, block)
 
-    with mock.patch.object(H5ImageDataset, "_block", counted_block):
+    with mock.patch.object(H5Dataset, "_block", counted_block):
         for position, rows in enumerate(loader.sampler):
             replicas[position % workers][rows]
     for replica in replicas:
