@@ -62,10 +62,7 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
 
     Returns the last epoch's metrics, with "status": "completed" | "preempted" | "max_steps"."""
     # ------------------------------------------------------------------ setup
-    # Before the process group: one process builds the demo file while the others wait, and a model or objective
-    # that does not resolve fails here, in seconds, not after every rank has started.
-    data.prepare_data(cfg.data)
-    build_net, objective = _model_factory(cfg, model), _objective(cfg, objective)
+    build_net, objective, builtin_model = _prepare(cfg, model, objective)
     stop = StopSignals(cfg.preemption.signals, deadline_s=cfg.preemption.term_deadline_s)
     with contextlib.ExitStack() as teardown:
         teardown.callback(stop.restore)
@@ -83,7 +80,7 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
                                        channels_last=cfg.model.channels_last)
         autocast, amp_warning = autocast_factory(cfg.amp, device)
         loaders, model, probe = _build(cfg, rt, build_net, objective, eval_batch, autocast, datasets,
-                                     builtin_model=model is None and not is_import_path(cfg.model.name))
+                                     builtin_model=builtin_model)
         steps = step_counts(cfg.train, len(loaders.train))
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, steps.per_epoch, steps.total)
@@ -282,14 +279,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, swa: bool = Fals
                         objective: Any = None, datasets: Optional[tuple] = None) -> dict:
     """The validation metrics of a checkpoint's weights (val_<metric>, as training logs them), on however many
     processes this was started with; `model`, `objective` and `datasets` as for `train`."""
-    data.prepare_data(cfg.data)
-    build_net, objective = _model_factory(cfg, model), _objective(cfg, objective)
+    build_net, objective, builtin_model = _prepare(cfg, model, objective)
     with distributed.process_group(cfg.distributed) as rt:
         eval_batch = functools.partial(data.prepare_batch, device=rt.device, cfg=cfg.data, train=False,
                                        channels_last=cfg.model.channels_last)
         autocast, _ = autocast_factory(cfg.amp, rt.device)
         loaders, net, probe = _build(cfg, rt, build_net, objective, eval_batch, autocast, datasets,
-                                     builtin_model=model is None and not is_import_path(cfg.model.name))
+                                     builtin_model=builtin_model)
         load_weights(net, load_checkpoint(checkpoint), strict=True, key="swa_model" if swa else None)
         if swa:
             recompute_bn_statistics(net, _model_inputs(loaders.train_eval, eval_batch, cfg.model.inputs), rt,
@@ -341,6 +337,16 @@ class Probe:
     batch: Any  # the first rows of the training split, as the loaders yield a batch
     metrics: list[str]  # the objective's metric names
     no_batches: dict[str, torch.Tensor]  # zeros of every validation sum: an empty shard's contribution
+
+
+def _prepare(cfg: Config, model: ModelSource, objective: Any) -> tuple[Callable[[], nn.Module], Any, bool]:
+    """What train and evaluate_checkpoint settle before the process group: the data exists and is valid (one
+    process builds the demo file while the others wait), the model and objective resolve (a typo fails in
+    seconds, not after every rank has started). Returns the model factory, the objective, and whether the model
+    is cfg.model's built-in or torchvision one, whose num_classes and in_channels the data is checked against."""
+    data.prepare_data(cfg.data)
+    builtin_model = model is None and not is_import_path(cfg.model.name)
+    return _model_factory(cfg, model), _objective(cfg, objective), builtin_model
 
 
 def _objective(cfg: Config, objective: Any) -> Any:
