@@ -8,7 +8,7 @@ without weight decay for the GPT), the same batch size,
 the same number of epochs and steps, the same torch thread count. Loops:
 
   hand        the hand-written reference: the split's arrays in RAM as tensors, TensorDataset + DataLoader
-              (shuffle, same batch size), normalization on the fly as ddp_kit's to_device, forward/backward/
+              (shuffle, same batch size), normalization on the fly as ddp_kit's prepare_images, forward/backward/
               SGD step; DistributedSampler + DDP (no_sync while accumulating) under torchrun
   hand-index  the leanest possible loop, no DataLoader at all: images[randperm slice] (a floor, not a baseline)
   ddp_kit     the real ddp_kit.train.train(cfg) with data.in_memory=true (ddp_kit-mem) or reading the HDF5
@@ -166,7 +166,7 @@ def hand_loss(model, batch):
 
 
 def normalize(images):
-    """What ddp_kit's to_device does to a uint8 batch with mean/std 0.5 (no augmentation): float, /255, norm."""
+    """What ddp_kit's prepare_images does to a uint8 batch with mean/std 0.5 (no augmentation): float, /255, norm."""
     import torch
 
     x = images.to(torch.float32).div_(255)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data_helpers import data_config, loaders, make_file, triples
-from ddp_kit.data import DataError, to_device
+from ddp_kit.data import DataError, prepare_images
 
 pytestmark = pytest.mark.timeout(120)
 CPU = torch.device("cpu")
@@ -88,14 +88,14 @@ def test_batch_transforms_run_on_the_device_batch_before_normalization(tmp_path)
     outcomes = set()
     torch.manual_seed(0)
     for x, y, ids in triples(built.train):
-        out, _ = to_device(x, y, CPU, cfg, train=True, batch_transform=built.batch_transform)
+        out = prepare_images(x, CPU, cfg, train=True, batch_transform=built.batch_transform)
         scaled = (torch.from_numpy(images[ids.numpy()]).float() / 255 - 0.5) / 0.25
         if torch.equal(out, scaled.flip(2)):
             outcomes.add("flipped")
         else:
             torch.testing.assert_close(out, scaled, rtol=0, atol=0)  # one draw for the whole batch
             outcomes.add("kept")
-        evaluated, _ = to_device(x, y, CPU, cfg, train=False)
+        evaluated = prepare_images(x, CPU, cfg, train=False)
         torch.testing.assert_close(evaluated, scaled, rtol=0, atol=0)
     assert outcomes == {"flipped", "kept"}
 
@@ -106,7 +106,7 @@ def test_batch_transforms_see_the_unit_scaled_batch_not_the_normalized_one(tmp_p
     cfg = data_config(tmp_path / "d.h5", mean=[0.5], std=[0.25], batch_transforms=[{"RandomInvert": {"p": 1.0}}])
     built = loaders(cfg)
     for x, y, ids in triples(built.train):
-        out, _ = to_device(x, y, CPU, cfg, train=True, batch_transform=built.batch_transform, augment_seed=0)
+        out = prepare_images(x, CPU, cfg, train=True, batch_transform=built.batch_transform, augment_seed=0)
         unit = torch.from_numpy(images[ids.numpy()]).float() / 255
         torch.testing.assert_close(out, (1 - unit - 0.5) / 0.25, rtol=0, atol=1e-6)
         assert not torch.allclose(out, 1 - (unit - 0.5) / 0.25, atol=0.1)

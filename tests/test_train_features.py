@@ -157,7 +157,7 @@ def _float64_batchnorm_reference() -> dict:
     from bn_stats import images, model
 
     net = model().double().eval()
-    x = (images().double() / 255 - 0.5) / 0.5  # data.to_device with the default mean/std
+    x = (images().double() / 255 - 0.5) / 0.5  # data.prepare_images with the default mean/std
     for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
         seen = []
         hook = bn.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm

@@ -14,7 +14,7 @@ Converters, inspection and `register_cli` back the `ddp-kit data ...` commands. 
 from ddp_kit.data.cli import register_cli
 from ddp_kit.data.convert import convert_imagefolder, convert_npz, convert_npz_fields, write_digits
 from ddp_kit.data.dataset import H5Dataset
-from ddp_kit.data.device import prepare_batch, prepare_images, to_device
+from ddp_kit.data.device import prepare_batch, prepare_images
 from ddp_kit.data.errors import DataError
 from ddp_kit.data.hdf5 import FieldInfo, SplitInfo, describe_split
 from ddp_kit.data.inspection import inspect_h5
@@ -47,7 +47,6 @@ __all__ = [
     "prepare_data",
     "register_cli",
     "seeded",
-    "to_device",
     "train_batches_per_epoch",
     "write_digits",
     "write_fields",

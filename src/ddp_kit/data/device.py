@@ -78,16 +78,6 @@ def prepare_images(images: torch.Tensor, device: torch.device, cfg: DataConfig, 
     return x.contiguous(memory_format=memory_format)
 
 
-def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, cfg: DataConfig, *,
-              train: bool, channels_last: bool = False,
-              batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-              augment_seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """An (images, labels) batch on `device`: the images as `prepare_images` makes them, labels as int64."""
-    x = prepare_images(images, device, cfg, train=train, channels_last=channels_last,
-                       batch_transform=batch_transform, augment_seed=augment_seed)
-    return x, labels.to(device, non_blocking=True, dtype=torch.int64)
-
-
 def prepare_batch(batch, device: torch.device, cfg: DataConfig, *, train: bool, channels_last: bool = False,
                   batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                   augment_seed: Optional[int] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
