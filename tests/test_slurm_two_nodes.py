@@ -169,7 +169,8 @@ def test_srun_tasks_get_one_gpu_each_and_their_share_of_the_cpus(slurm2, work): 
         # Each task sees both of the node's GPUs and drives the one of its local rank.
         "shared": ["--gpus-per-node=2", "--cpus-per-task=1"],
     }
-    jobs = {name: slurm2.sbatch(["--nodes=2", "--ntasks-per-node=2", "--time=5", f"--job-name=probe_{name}",
+    # --time=10: the script's --signal=B:USR2@300 warns a job of 5 minutes or less at once (a preemption).
+    jobs = {name: slurm2.sbatch(["--nodes=2", "--ntasks-per-node=2", "--time=10", f"--job-name=probe_{name}",
                                  f"--output={work}/%x-%j.out", *options, str(REPO / "slurm" / "multinode.sbatch"),
                                  "c.yaml"], cwd=root, env=env)
             for name, options in layouts.items()}

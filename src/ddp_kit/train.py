@@ -272,6 +272,11 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
         if status == "completed":
             manager.write_on_rank0(functools.partial(_export_final_weights, manager, cfg.run_dir,
                                                      swa=swa is not None), rt)
+        # DDP's reducer holds the process group. Released here, it goes before the group is destroyed; left to
+        # this frame, it can outlive train() in a reference cycle (torch's first lazy import of torch._dynamo,
+        # in the optimizer's constructor, keeps the calling frames) until the interpreter's last garbage
+        # collection at exit, where gloo's threads, finding the interpreter finalizing, abort the process.
+        del ddp, train_model
         return {**record, "status": status, "step": step}
 
 
