@@ -52,6 +52,22 @@ def test_impossible_arguments_are_one_line_errors(capfd, tiny_h5, tmp_path, args
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_error_line_reaches_the_shared_stream_in_one_write(monkeypatch, tiny_h5, tmp_path):
+    # the ranks of a job share one unbuffered stream: a line written in two parts can fuse with another rank's
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    code = cli.main(["verify-resume", "--config", str(CONFIG), "--nproc", "0", *tiny_overrides(tiny_h5, tmp_path)])
+    assert code == 1 and writes == ["ddp-kit: error: --nproc=0: must be >= 1\n"]
+
+
 @pytest.mark.parametrize("cuda_devices, device, nproc, last_step", [(0, "auto", 1, 24), (2, "auto", 2, 12),
                                                                     (3, "cpu", 1, 24)])
 def test_nproc_defaults_to_one_process_per_visible_gpu(capfd, monkeypatch, tiny_h5, tmp_path, cuda_devices, device,

@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, ObjectiveError, ResumeError, NonFiniteLossError, VerifyError,
             WriteError, PeerFailed) as exc:
-        print(f"ddp-kit: error: {exc}", file=sys.stderr, flush=True)
+        # one write, not print's two (text, then newline): under PYTHONUNBUFFERED each is its own write(2), and
+        # the ranks of a torchrun or srun job share one stream, so two ranks' errors could fuse into one line
+        sys.stderr.write(f"ddp-kit: error: {exc}\n")
+        sys.stderr.flush()
         return 1
 
 
