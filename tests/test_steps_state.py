@@ -102,10 +102,22 @@ def test_resume_checks_name_what_differs():
     check_resumable(_checkpoint(cfg), cfg, ONE, path)
     other = Config()
     other.train.batch_size = 32
-    with pytest.raises(ResumeError, match="train.batch_size: checkpoint 32 vs now 64"):
+    with pytest.raises(ResumeError, match=r"took 1 process\(es\) x train.batch_size 32 x train.accum_steps 1 = 32 "
+                                          r"samples .* would take 1 process\(es\) x train.batch_size 64 x "
+                                          r"train.accum_steps 1 = 64. On 1 process\(es\) train.batch_size=32 "
+                                          r"keeps 32,"):
         check_resumable(_checkpoint(other), cfg, ONE, path)
-    with pytest.raises(ResumeError, match="world_size: checkpoint 2 vs now 1"):
+    # the same global batch on another world size resumes; another one names what keeps it
+    check_resumable(_checkpoint(other, world_size=2), cfg, ONE, path)
+    with pytest.raises(ResumeError, match=r"= 128 samples .* On 1 process\(es\) train.accum_steps=2 or "
+                                          r"train.batch_size=128 keeps 128 \(accum_steps, not batch_size"):
         check_resumable(_checkpoint(cfg, world_size=2), cfg, ONE, path)
+    three = Runtime(env=DistEnv(world_size=3, local_world_size=3), device=CPU, backend=None)
+    with pytest.raises(ResumeError, match="No batch_size x accum_steps on 3 process"):
+        check_resumable(_checkpoint(cfg, world_size=2), cfg, three, path)
+    allowed = Config(distributed=DistributedConfig(device="cpu"))
+    allowed.train.allow_global_batch_change = True
+    check_resumable(_checkpoint(cfg, world_size=2), allowed, ONE, path)
     other = Config()
     other.data.shuffle = "full"
     check_resumable(_checkpoint(other), cfg, ONE, path)  # at an epoch end the order may change

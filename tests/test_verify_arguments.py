@@ -45,6 +45,12 @@ def test_stop_after_beyond_the_run_is_refused_before_anything_runs(tiny_h5, tmp_
      "--stop-after=5: must be between 1 and 4: "),
     (["--nproc", "1"], {"train.max_steps": 1}, "runs 1 optimizer step(s) (12 per epoch x 2 epochs, stopped by "
                                                 "train.max_steps=1): too few to stop in between"),
+    (["--nproc", "1", "--resume-nproc", "0"], {}, "--resume-nproc=0: must be >= 1"),
+    (["--nproc", "2", "--resume-nproc", "3"], {}, "--resume-nproc=3: no train.batch_size x train.accum_steps on 3 "
+                                                  "process(es) makes the global batch 16 (2 process(es) x "
+                                                  "train.batch_size 8 x train.accum_steps 1); pick a number of "
+                                                  "processes that divides 16"),
+    (["--nproc", "1", "--rtol", "-1"], {}, "--rtol=-1.0 --atol=1e-05: must both be >= 0"),
 ])
 def test_impossible_arguments_are_one_line_errors(capfd, tiny_h5, tmp_path, args, extra, message):
     code, err = verify(capfd, tiny_h5, tmp_path, *args, **extra)

@@ -35,8 +35,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _verify_resume(args: argparse.Namespace) -> int:
     from .verify import verify_resume
 
-    return 0 if verify_resume(args.config, args.overrides, nproc=args.nproc, stop_after=args.stop_after,
-                              timeout_s=args.timeout) else 1
+    return 0 if verify_resume(args.config, args.overrides, nproc=args.nproc, resume_nproc=args.resume_nproc,
+                              stop_after=args.stop_after, timeout_s=args.timeout, rtol=args.rtol,
+                              atol=args.atol) else 1
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -74,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--stop-after", type=int, default=None,
                         help="optimizer step to stop the interrupted run at, between 1 and the run's last step "
                              "minus 1, checked before anything runs (default: just past the middle of the run)")
+    verify.add_argument("--resume-nproc", type=int, default=None,
+                        help="processes the resumed part runs on (default: --nproc); another number keeps the "
+                             "global batch with another train.accum_steps (else train.batch_size), and the states "
+                             "are compared within --rtol/--atol, BatchNorm running statistics left out")
+    verify.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance across world sizes")
+    verify.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance across world sizes")
     verify.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     verify.add_argument("overrides", nargs="*", metavar="section.key=value")
     verify.set_defaults(func=_verify_resume)

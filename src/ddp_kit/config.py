@@ -140,6 +140,9 @@ class TrainConfig:
     log_every_steps: int = 20  # optimizer steps between log lines / scalars
     val_every_epochs: int = 1
     resume: str = "auto"  # auto: newest complete checkpoint in the run directory; never; or a checkpoint path
+    # Resume even when world size x batch_size x accum_steps differs from the checkpoint's: the interrupted
+    # epoch's remaining rows are taken in the new global batch (none dropped or repeated); refused otherwise.
+    allow_global_batch_change: bool = False
     on_nonfinite: Literal["skip", "stop"] = "skip"  # what to do with a NaN/Inf loss on any rank
     detect_anomaly: bool = False  # torch.autograd anomaly detection (slow; for debugging)
     cudnn_benchmark: bool = True

@@ -38,7 +38,7 @@ from .objectives import (Classification, add_sums, all_reduce_sums, batch_counts
 from .optim import build_optimizer, build_scheduler
 from .plugins import is_import_path
 from .preemption import StopSignals, clear_requeue_marker, write_requeue_marker
-from .state import Position, TrainingState
+from .state import Position, TrainingState, load_resumable, resume_position
 from .steps import LossMeter, agree, micro_batches
 from .weights import export_weights, load_weights
 
@@ -81,7 +81,19 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
         autocast, amp_warning = autocast_factory(cfg.amp, device)
         loaders, model, probe = _build(cfg, rt, build_net, objective, eval_batch, autocast, datasets,
                                      builtin_model=builtin_model)
-        steps = step_counts(cfg.train, len(loaders.train))
+        # Resume: rank 0 picks the checkpoint, every rank loads the same file. A run resumed on another world
+        # size keeps the step order it began with, and so its steps per epoch, before the schedule is built.
+        manager = CheckpointManager(cfg.run_dir / "checkpoints",
+                                    best_checkpoint_config(cfg.checkpoint, objective, probe.metrics,
+                                                           swa=cfg.swa.enabled))
+        resume_path = distributed.broadcast_object(_resume_path(cfg, manager) if rt.is_main else None, rt)
+        checkpoint = load_resumable(resume_path, cfg, rt) if resume_path else None
+        position = resume_position(checkpoint, cfg, rt) if checkpoint is not None else Position()
+        step = position.step
+        if position.step_order is not None:
+            loaders.train_sampler.order_layout = position.step_order
+
+        steps = step_counts(cfg.train, loaders.train_sampler.micro_batches_per_epoch)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optim.lr, steps.per_epoch, steps.total)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
@@ -89,16 +101,10 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
                                       enabled=cfg.amp.enabled and cfg.amp.dtype == "fp16")
         swa = SWA(model, optimizer, cfg.swa, cfg.train.epochs) if cfg.swa.enabled else None
         state = TrainingState(model, optimizer, scheduler, scaler, swa)
+        resumed_rng = state.resume(checkpoint, rt) if checkpoint is not None else None
+        del checkpoint  # a full copy of the weights and optimizer state
         validate = functools.partial(evaluate, loader=loaders.val, rt=rt, eval_batch=eval_batch, autocast=autocast,
                                      objective=objective, inputs=cfg.model.inputs, no_batches=probe.no_batches)
-
-        # Resume: rank 0 picks the checkpoint, every rank loads the same file.
-        manager = CheckpointManager(cfg.run_dir / "checkpoints",
-                                    best_checkpoint_config(cfg.checkpoint, objective, probe.metrics,
-                                                           swa=swa is not None))
-        resume_path = distributed.broadcast_object(_resume_path(cfg, manager) if rt.is_main else None, rt)
-        position, resumed_rng = state.resume(resume_path, cfg, rt) if resume_path else (Position(), None)
-        step = position.step
 
         train_model: nn.Module = model
         ddp = None
@@ -124,7 +130,9 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
                     f"backend {rt.backend or 'none'}, {rt.cpu_threads}; {loaders.train_size} train / "
                     f"{loaders.val_size} val samples, {steps.micro_per_epoch} micro-batches = {steps.per_epoch} "
                     f"optimizer steps per epoch per rank"
-                    + (f"; resumed from {resume_path} at epoch {position.epoch}, step {step}" if resume_path else ""))
+                    + (f"; resumed from {resume_path} at epoch {position.epoch}, step {step}" if resume_path else "")
+                    + (f" ({position.rows_in_epoch} of the epoch's rows done, by {position.epoch_layout})"
+                       if position.epoch_layout and position.rows_in_epoch is not None else ""))
         if amp_warning:
             logger.info(amp_warning)
         if swa is not None and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -136,11 +144,12 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
         if ledger is not None:
             teardown.callback(ledger.close)
 
-        # Restored last: everything above may have drawn random numbers.
+        # Restored last: everything above may have drawn random numbers. A run resumed on another world size
+        # has no streams of its own to restore; seeded from the step, it does not replay the run's first ones.
         if resumed_rng is not None:
             restore_rng_state(resumed_rng)
         else:
-            distributed.seed_everything(distributed.rank_seed(cfg.run.seed, rt.rank))
+            distributed.seed_everything(distributed.rank_seed(cfg.run.seed + step, rt.rank))
 
         status, record = "completed", {}
         compile_pending = cfg.compile.enabled and settle_seconds is None
@@ -152,16 +161,20 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
 
         # ------------------------------------------------------------------ loop
         for epoch in range(position.epoch, cfg.train.epochs):
-            # A run resumed mid-epoch finishes that epoch in the batch order its checkpoint was cut from.
-            start = position.batches_in_epoch if epoch == position.epoch else 0
-            loaders.train_sampler.set_epoch(epoch, start_batch=start,
-                                            order_workers=position.order_workers if start else None)
+            # A run resumed mid-epoch finishes that epoch with the rows it had left, in the order it was begun in.
+            start = 0
+            if epoch == position.epoch and position.epoch_layout is not None:
+                start = loaders.train_sampler.resume_epoch(epoch, position.epoch_layout,
+                                                           rows_done=position.rows_in_epoch,
+                                                           batches_done=position.batches_in_epoch)
+            else:
+                loaders.train_sampler.set_epoch(epoch)
             model.train()
             averaging = swa is not None and swa.begin_epoch(epoch)  # then SWALR drives the learning rate
             losses, throughput, epoch_start = LossMeter(device), Throughput(), time.perf_counter()
             epoch_counts: Counter = Counter()
 
-            for micro in micro_batches(loaders.train, start=start, per_epoch=steps.micro_per_epoch,
+            for micro in micro_batches(loaders.train, start=start, per_epoch=len(loaders.train_sampler),
                                        accum=cfg.train.accum_steps):
                 batch, rows = data.prepare_batch(micro.batch, device, cfg.data, train=True,
                                                  channels_last=cfg.model.channels_last,
@@ -198,7 +211,8 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
                     optimizer.zero_grad(set_to_none=True)
                     losses.discard()
                     if cfg.train.on_nonfinite == "stop":
-                        state.save(manager, cfg, rt, Position(epoch, step, micro.window_start), tag="nonfinite")
+                        state.save(manager, cfg, rt, _mid_epoch(epoch, step, micro.window_start, loaders),
+                                   tag="nonfinite")
                         raise NonFiniteLossError(
                             f"non-finite loss in optimizer step {step + 1} (epoch {epoch}) on rank {bad_rank}; the "
                             f"last good state is checkpointed in {manager.directory}. Lower optim.lr, enable "
@@ -228,7 +242,7 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
                                               **throughput.rates_and_reset(), "grad_norm": float(grad_norm)})
                 reached_max = cfg.train.max_steps is not None and step >= cfg.train.max_steps
                 if stop_signal or reached_max or manager.should_save(step=step, epoch_end=False, epoch=epoch):
-                    state.save(manager, cfg, rt, Position(epoch, step, micro.index + 1),
+                    state.save(manager, cfg, rt, _mid_epoch(epoch, step, micro.index + 1, loaders),
                                tag="preempt" if stop_signal else "periodic")
                 if stop_signal:
                     name = signal.Signals(stop_signal).name
@@ -265,8 +279,8 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
                     record.update({f"swa_val_{name}": value for name, value in validate(swa.model.module).items()})
             manager.write_on_rank0(functools.partial(logger.epoch, record), rt)
             if manager.should_save(step=step, epoch_end=True, epoch=epoch) or last_epoch:
-                state.save(manager, cfg, rt, Position(epoch + 1, step, 0), metrics=record,
-                           tag="final" if last_epoch else "periodic")
+                state.save(manager, cfg, rt, Position(epoch + 1, step, step_order=loaders.train_sampler.order_layout),
+                           metrics=record, tag="final" if last_epoch else "periodic")
 
         # ------------------------------------------------------------------ teardown
         if status == "completed":
@@ -278,6 +292,12 @@ def train(cfg: Config, *, model: ModelSource = None, objective: Any = None,
         # collection at exit, where gloo's threads, finding the interpreter finalizing, abort the process.
         del ddp, train_model
         return {**record, "status": status, "step": step}
+
+
+def _mid_epoch(epoch: int, step: int, batches_done: int, loaders: data.Loaders) -> Position:
+    sampler = loaders.train_sampler
+    return Position(epoch, step, batches_done, sampler.epoch_layout, sampler.rows_done(batches_done),
+                    sampler.order_layout)
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, *, swa: bool = False, model: ModelSource = None,
@@ -381,7 +401,7 @@ def _build(cfg: Config, rt: Runtime, build_net: Callable[[], nn.Module], objecti
     classes = builtin_model and isinstance(objective, Classification)
     loaders = data.build_dataloaders(
         cfg.data, batch_size=cfg.train.batch_size, val_batch_size=cfg.train.val_batch_size, rank=rt.rank,
-        world_size=rt.world_size, seed=cfg.run.seed, device=rt.device,
+        world_size=rt.world_size, seed=cfg.run.seed, device=rt.device, accum_steps=cfg.train.accum_steps,
         class_counts={objective.target: cfg.model.num_classes} if classes else None,
         image_channels=cfg.model.in_channels if builtin_model else None, datasets=datasets,
         stats_rows=cfg.swa.bn_rows)

@@ -1,5 +1,7 @@
 """`ddp-kit verify-resume`: run a config uninterrupted, then stopped at a step and resumed, and check that both
-end with bit-identical weights and optimizer state. Users run it to trust resume on their own setup."""
+end with bit-identical weights and optimizer state. Users run it to trust resume on their own setup; with
+--resume-nproc the resumed part runs on another number of processes (the global batch kept), and the states
+are compared within a floating-point tolerance."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from . import data
 from .checkpoint import CheckpointManager, load_checkpoint
 from .config import Config, load_config, step_counts
 from .launch import train_command
+from .state import overrides_keeping
 
 
 class VerifyError(ValueError):
@@ -66,22 +69,35 @@ TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler", "swa_model", "swa
                   "skipped_steps", "step", "epoch")
 
 
-def _same(a, b) -> bool:
+# A model's BatchNorm running statistics are rank 0's own (DDP broadcasts its buffers): on another world size
+# rank 0 sees other rows, so they are not part of a comparison across world sizes.
+RANK0_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _same(a, b, tolerance: tuple[float, float] | None) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if tolerance is not None and a.is_floating_point():
+            return torch.allclose(a.double(), b.double(), rtol=tolerance[0], atol=tolerance[1])
+        return torch.equal(a, b)
     return type(a) is type(b) and a == b
 
 
-def compare_states(a: dict, b: dict, keys=TRAINING_STATE) -> list[str]:
+def compare_states(a: dict, b: dict, keys=TRAINING_STATE, tolerance: tuple[float, float] | None = None,
+                   left_out: tuple[str, ...] = ()) -> list[str]:
     """Names of the leaves (tensors or values) that differ, or exist on one side only, between two checkpoints,
-    with by how much."""
+    with by how much. With `tolerance` (rtol, atol) floating-point tensors may differ within it; leaves whose
+    name ends with one of `left_out` are not compared."""
     differences = []
     for key in keys:
         left, right = dict(_leaves(a.get(key), key)), dict(_leaves(b.get(key), key))
         for name in sorted(left.keys() | right.keys()):
+            if name.endswith(left_out):
+                continue
             if name not in left or name not in right:
                 differences.append(f"{name}: only in one run")
-            elif not _same(left[name], right[name]):
+            elif not _same(left[name], right[name], tolerance):
                 x, y = left[name], right[name]
                 if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape:
                     diff = (x.double() - y.double()).abs().max().item()
@@ -91,16 +107,52 @@ def compare_states(a: dict, b: dict, keys=TRAINING_STATE) -> list[str]:
     return differences
 
 
+def max_difference(a: dict, b: dict, keys=TRAINING_STATE, left_out: tuple[str, ...] = ()) -> float:
+    """The largest absolute difference between two checkpoints' floating-point tensors of one name and shape."""
+    largest = 0.0
+    for key in keys:
+        right = dict(_leaves(b.get(key), key))
+        for name, x in _leaves(a.get(key), key):
+            y = right.get(name)
+            if (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point()
+                    and x.shape == y.shape and not name.endswith(left_out)):
+                largest = max(largest, (x.double() - y.double()).abs().max().item() if x.numel() else 0.0)
+    return largest
+
+
+def _resume_overrides(base: Config, nproc: int, resume_nproc: int) -> list[str]:
+    """What the resumed part on `resume_nproc` processes sets to keep the global batch of `nproc` processes."""
+    if resume_nproc == nproc:
+        return []
+    global_batch = nproc * base.train.batch_size * base.train.accum_steps
+    options = overrides_keeping(global_batch, resume_nproc, base.train)
+    if not options:
+        raise VerifyError(f"--resume-nproc={resume_nproc}: no train.batch_size x train.accum_steps on {resume_nproc} "
+                          f"process(es) makes the global batch {global_batch} ({nproc} process(es) x "
+                          f"train.batch_size {base.train.batch_size} x train.accum_steps {base.train.accum_steps}); "
+                          f"pick a number of processes that divides {global_batch}")
+    return options[0]
+
+
 def verify_resume(config: str | Path, overrides: list[str], *, nproc: int | None = None,
-                  stop_after: int | None = None, timeout_s: float = 1800) -> bool:
+                  resume_nproc: int | None = None, stop_after: int | None = None, timeout_s: float = 1800,
+                  rtol: float = 1e-4, atol: float = 1e-5) -> bool:
     """Train `config` uninterrupted, then stopped after `stop_after` optimizer steps and resumed; True when both
-    end bit-identical. The arguments are checked against the config and the data before anything runs."""
+    end bit-identical, or, when the resumed part runs on `resume_nproc` processes other than `nproc`, within
+    `rtol`/`atol` (BatchNorm running statistics left out). The arguments are checked against the config and the
+    data before anything runs."""
     if not timeout_s > 0:
         raise VerifyError(f"--timeout={timeout_s}: must be > 0 (seconds allowed per run)")
+    if not (rtol >= 0 and atol >= 0):
+        raise VerifyError(f"--rtol={rtol} --atol={atol}: must both be >= 0")
     base = load_config(config, overrides)
     nproc = default_nproc(base) if nproc is None else nproc
     if nproc < 1:
         raise VerifyError(f"--nproc={nproc}: must be >= 1")
+    resume_nproc = nproc if resume_nproc is None else resume_nproc
+    if resume_nproc < 1:
+        raise VerifyError(f"--resume-nproc={resume_nproc}: must be >= 1")
+    resume_overrides = _resume_overrides(base, nproc, resume_nproc)
     data.prepare_data(base.data)
     steps = step_counts(base.train, data.train_batches_per_epoch(base.data, batch_size=base.train.batch_size,
                                                                  world_size=nproc))
@@ -116,6 +168,17 @@ def verify_resume(config: str | Path, overrides: list[str], *, nproc: int | None
         raise VerifyError(f"--stop-after={stop_after}: must be between 1 and {final_step - 1}: {run_length}")
     print(f"verify-resume: {nproc} process(es) per run; {final_step} optimizer steps, the interrupted run stops "
           f"after step {stop_after}", flush=True)
+    across = resume_nproc != nproc
+    if across:
+        print(f"verify-resume: the resumed part runs on {resume_nproc} process(es) with {' '.join(resume_overrides)}, "
+              f"the same global batch; gradients are then summed in another order, so the states are compared "
+              f"within rtol={rtol} atol={atol}, BatchNorm running statistics (rank 0's own rows) left out. Random "
+              f"augmentation and dropout draw from per-rank streams, which another world size seeds afresh: with "
+              f"them on, expect larger differences (docs/checkpoints.md)", flush=True)
+        if base.amp.enabled:
+            print(f"verify-resume: with {base.amp.dtype} autocast, weights rounded to {base.amp.dtype} turn those "
+                  f"rounding differences into larger ones within a few steps; amp.enabled=false checks resume "
+                  f"itself", flush=True)
     env = None
     if base.distributed.device != "cpu" and torch.cuda.is_available():
         overrides = [*overrides, *GPU_DETERMINISM]
@@ -134,10 +197,16 @@ def verify_resume(config: str | Path, overrides: list[str], *, nproc: int | None
     resumed = [*overrides, f"run.name={base.run.name}-verify-resumed"]
     _run(train_command(config, [*resumed, "train.resume=never", f"train.max_steps={stop_after}"],
                        nproc_per_node=nproc), timeout_s, env)
-    _run(train_command(config, [*resumed, "train.resume=auto"], nproc_per_node=nproc), timeout_s, env)
+    resumed = [*resumed, "train.resume=auto", *resume_overrides]
+    _run(train_command(config, resumed, nproc_per_node=resume_nproc), timeout_s, env)
     resumed_state = _final_state(config, resumed)
-    differences = compare_states(full_state, resumed_state)
+    left_out = RANK0_STATISTICS if across else ()
+    differences = compare_states(full_state, resumed_state, tolerance=(rtol, atol) if across else None,
+                                 left_out=left_out)
     report = {"stopped_at_step": stop_after, "final_step": full_state["step"], "nproc": nproc,
+              "resume_nproc": resume_nproc, "resume_overrides": resume_overrides,
+              "rtol": rtol if across else None, "atol": atol if across else None, "left_out": list(left_out),
+              "max_abs_difference": max_difference(full_state, resumed_state, left_out=left_out),
               "identical": not differences, "first_difference": differences[0] if differences else None,
               "differences": differences[:20]}
     print(json.dumps(report, indent=2))

@@ -172,12 +172,12 @@ def _loader(dataset: Dataset, sampler, cfg: DataConfig, *, device: torch.device,
 
 
 def _train_sampler(cfg: DataConfig, length: int, block_rows: int, where: str, *, batch_size: int, rank: int,
-                   world_size: int, seed: int) -> TrainBatchSampler:
+                   world_size: int, seed: int, accum_steps: int = 1) -> TrainBatchSampler:
     try:
         return TrainBatchSampler(length, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                                  shuffle=cfg.shuffle, block_rows=cfg.block_size or block_rows,
                                  shuffle_window=cfg.shuffle_window, drop_last=cfg.drop_last,
-                                 num_workers=cfg.num_workers)
+                                 num_workers=cfg.num_workers, accum_steps=accum_steps)
     except ValueError as exc:
         raise DataError(f"{where}: {exc}") from exc
 
@@ -195,7 +195,8 @@ def train_batches_per_epoch(cfg: DataConfig, *, batch_size: int, world_size: int
 
 
 def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, rank: int, world_size: int,
-                      seed: int, device: torch.device, class_counts: Optional[Mapping[str, int]] = None,
+                      seed: int, device: torch.device, accum_steps: int = 1,
+                      class_counts: Optional[Mapping[str, int]] = None,
                       image_channels: Optional[int] = None, datasets: Optional[tuple[Dataset, Dataset]] = None,
                       stats_rows: Optional[int] = None) -> Loaders:
     """Validate the data and build this rank's training and validation loaders; `train_eval` covers the first
@@ -214,7 +215,8 @@ def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, 
         _check_shapes(train_split, val_split, image_channels)
         block_rows, where, field_shapes = train_split.default_block_rows, _where(train_split), train_split.field_shapes
     train_sampler = _train_sampler(cfg, len(train_set) if datasets is not None else train_split.length, block_rows,
-                                   where, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+                                   where, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                                   accum_steps=accum_steps)
     block_rows = train_sampler.block_rows
     if datasets is None:
         train_set = _dataset(train_split, cfg, class_counts=class_counts, shuffle=cfg.shuffle, batch_size=batch_size,

@@ -20,12 +20,23 @@ the batches are therefore yielded interleaved: the epoch's batches are cut into 
 worker w's turns walk through segment w, so each worker reads (and, on a compressed file, decodes) its own
 blocks instead of every worker decoding every block of the windows its batches touch. The segments are
 arranged so that the epoch's last, possibly short, batch is still the last one yielded.
+
+An optimizer step takes `accum_steps` consecutive batches from every rank, so an epoch's layout (world size,
+batch size, accum_steps, and the loader workers its batch order was made for) deals its rows into steps; read
+step by step, rank after rank, those rows are the epoch's *step order*. A run resumed mid-epoch with another
+layout (`resume_epoch`) deals the rows the epoch has left in that order, in its own global batches: with the
+same global batch every remaining step takes the same rows as it would have, and over the epoch every row is
+used exactly once. The epoch's last step, if it is short, is split as evenly as the new layout allows; when
+fewer rows than ranks are left, some are repeated (as DistributedSampler pads). While the global batch is
+kept, later epochs too follow the step order of the layout the run began with (`order_layout`), so the run
+trains on what an uninterrupted one would have, step for step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from dataclasses import dataclass, replace
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -37,18 +48,39 @@ def _rng(seed: int, *words: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed % 2**64, *words]))
 
 
+@dataclass(frozen=True)
+class EpochLayout:
+    """How an epoch's rows are dealt into optimizer steps: `world_size` ranks take `accum_steps` batches of
+    `batch_size` rows each per step, in the batch order made for `order_workers` loader workers."""
+
+    world_size: int
+    batch_size: int
+    accum_steps: int
+    order_workers: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.accum_steps
+
+
+def _samples_per_rank(num_rows: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+    if drop_last:
+        return num_rows // (world_size * batch_size) * batch_size
+    return math.ceil(num_rows / world_size)
+
+
 class TrainBatchSampler:
-    """This rank's training batches for the epoch set with `set_epoch` (call it every epoch)."""
+    """This rank's training batches for the epoch set with `set_epoch` or `resume_epoch` (call one every epoch)."""
 
     def __init__(self, num_rows: int, *, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: str = "chunk", block_rows: int = 1, shuffle_window: int = 8, drop_last: bool = False,
-                 num_workers: int = 0):
+                 num_workers: int = 0, accum_steps: int = 1):
         if shuffle not in SHUFFLES:
             raise ValueError(f"shuffle={shuffle!r} is not one of {', '.join(SHUFFLES)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        if min(num_rows, batch_size, block_rows, shuffle_window) < 1:
-            raise ValueError("num_rows, batch_size, block_rows and shuffle_window must all be >= 1")
+        if min(num_rows, batch_size, block_rows, shuffle_window, accum_steps) < 1:
+            raise ValueError("num_rows, batch_size, block_rows, shuffle_window and accum_steps must all be >= 1")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if drop_last and num_rows < world_size * batch_size:
@@ -65,34 +97,145 @@ class TrainBatchSampler:
         self.shuffle_window = shuffle_window
         self.drop_last = drop_last
         self.num_workers = num_workers
-        if drop_last:
-            self.samples_per_rank = num_rows // (world_size * batch_size) * batch_size
-        else:
-            self.samples_per_rank = math.ceil(num_rows / world_size)
+        self.accum_steps = accum_steps
+        self.samples_per_rank = _samples_per_rank(num_rows, world_size, batch_size, drop_last)
         self.batches_per_epoch = math.ceil(self.samples_per_rank / batch_size)
         self.epoch = 0
         self.start_batch = 0
         self.order_workers = num_workers
+        self.epoch_layout = self._layout(num_workers)
+        # The (world size, batch size, accum_steps) whose step order every epoch follows: this sampler's own,
+        # or, in a run resumed on another layout with the same global batch, the one the run began with.
+        self.order_layout = self.epoch_layout
+        # After resume_epoch with another layout: this rank's share of the rows the epoch had left, batch by
+        # batch, numbered from `start_batch`; and the epoch's rows done before them, along its step order.
+        self._dealt: Optional[list[np.ndarray]] = None
+        self._rows_before = self._rows_left = 0
+
+    def _layout(self, order_workers: int) -> EpochLayout:
+        return EpochLayout(self.world_size, self.batch_size, self.accum_steps, order_workers)
 
     def set_epoch(self, epoch: int, start_batch: int = 0, *, order_workers: int | None = None) -> None:
-        """Select the epoch's order; skip its first `start_batch` batches (to resume mid-epoch exactly).
+        """Select the epoch's order, dealt by `order_layout`; skip its first `start_batch` batches (to resume
+        mid-epoch exactly; only when `order_layout` is this sampler's own, otherwise use `resume_epoch`).
 
         `order_workers`: the loader worker count the skipped batches were ordered for, when a run resumes
         mid-epoch with another `data.num_workers`; the epoch then finishes in its original order.
         """
+        workers = self.num_workers if order_workers is None else order_workers
+        order = replace(self.order_layout, order_workers=workers)
+        if self._own_steps(order):
+            self._native(epoch, start_batch, workers)
+        elif start_batch:
+            raise ValueError("start_batch counts batches of this sampler's own layout; continue an epoch of "
+                             f"{order} with resume_epoch")
+        else:
+            self._deal_epoch(epoch, order, 0)
+
+    def resume_epoch(self, epoch: int, origin: EpochLayout, *, rows_done: Optional[int] = None,
+                     batches_done: int = 0) -> int:
+        """Continue `epoch`, begun under the layout `origin`, after `rows_done` of its rows along its step order
+        (None: after `batches_done` batches per rank of `origin`). Returns the index of the first batch this
+        rank yields, counted as `micro_batches` counts them: a multiple of accum_steps."""
+        if rows_done is None:
+            rows_done = origin.world_size * min(batches_done * origin.batch_size, _samples_per_rank(
+                self.num_rows, origin.world_size, origin.batch_size, self.drop_last))
+        step_rows = self.world_size * self.batch_size
+        if self._own_steps(origin) and (rows_done % step_rows == 0
+                                        or rows_done == self.world_size * self.samples_per_rank):
+            start = min(math.ceil(rows_done / step_rows), self.batches_per_epoch)
+            self._native(epoch, start, origin.order_workers)
+        else:
+            self._deal_epoch(epoch, origin, rows_done)
+        return self.start_batch
+
+    def _own_steps(self, layout: EpochLayout) -> bool:
+        return (layout.world_size, layout.batch_size, layout.accum_steps) == (
+            self.world_size, self.batch_size, self.accum_steps)
+
+    def _native(self, epoch: int, start_batch: int, order_workers: int) -> None:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch}")
-        self.epoch = epoch
-        self.start_batch = start_batch
-        self.order_workers = self.num_workers if order_workers is None else order_workers
+        self.epoch, self.start_batch, self.order_workers = epoch, start_batch, order_workers
+        self.epoch_layout = self._layout(order_workers)
+        self._dealt = None
+
+    def _deal_epoch(self, epoch: int, origin: EpochLayout, rows_done: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        order = self.rows_in_step_order(epoch, origin)
+        if not 0 <= rows_done <= len(order):
+            raise ValueError(f"rows_done must be in [0, {len(order)}], got {rows_done}")
+        self.start_batch = rows_done // self._layout(self.num_workers).global_batch * self.accum_steps
+        self.epoch, self.epoch_layout = epoch, origin
+        self._rows_before, self._rows_left = rows_done, len(order) - rows_done
+        self._dealt = self._deal(order[rows_done:])
+
+    def rows_in_step_order(self, epoch: int, layout: EpochLayout) -> np.ndarray:
+        """The rows of `epoch` as `layout` deals them: step by step, rank by rank, batch by batch."""
+        batches = []
+        for rank in range(layout.world_size):
+            sampler = TrainBatchSampler(
+                self.num_rows, batch_size=layout.batch_size, rank=rank, world_size=layout.world_size, seed=self.seed,
+                shuffle=self.shuffle, block_rows=self.block_rows, shuffle_window=self.shuffle_window,
+                drop_last=self.drop_last, num_workers=layout.order_workers, accum_steps=layout.accum_steps)
+            sampler.set_epoch(epoch)
+            batches.append(list(sampler))
+        k = layout.accum_steps
+        return np.concatenate([rows for first in range(0, len(batches[0]), k)
+                               for rank_batches in batches for rows in rank_batches[first:first + k]])
+
+    def _deal(self, rows: np.ndarray) -> list[np.ndarray]:
+        """This rank's batches of `rows` (in step order) cut into this layout's global batches."""
+        size, k, rank = self.batch_size, self.accum_steps, self.rank
+        per_rank, full = size * k, len(rows) // (self.world_size * size * k)
+        mine = [np.sort(rows[(step * self.world_size + rank) * per_rank:][:per_rank][b * size:(b + 1) * size])
+                for step in range(full) for b in range(k)]
+        tail = rows[full * self.world_size * per_rank:]
+        if len(tail):
+            k = self._tail_batches(len(tail))
+            tail = np.resize(tail, max(len(tail), self.world_size))
+            mine += [np.sort(part) for part in np.array_split(tail, self.world_size * k)[rank * k:(rank + 1) * k]]
+        return mine
+
+    def _tail_batches(self, rows: int) -> int:
+        """Batches per rank for a short last step of `rows` rows: as many as the rows fill, each rank alike (DDP
+        steps in lockstep), never empty."""
+        return min(self.accum_steps, math.ceil(rows / (self.world_size * self.batch_size)),
+                   max(1, rows // self.world_size))
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        """Batches every rank takes in a whole epoch dealt by `order_layout`: what the schedule counts."""
+        order = self.order_layout
+        if self._own_steps(order):
+            return self.batches_per_epoch
+        rows = order.world_size * _samples_per_rank(self.num_rows, order.world_size, order.batch_size,
+                                                    self.drop_last)
+        full, tail = divmod(rows, self._layout(self.num_workers).global_batch)
+        return full * self.accum_steps + (self._tail_batches(tail) if tail else 0)
+
+    def rows_done(self, batches_done: int) -> int:
+        """The epoch's rows done, along its step order, once every rank has done `batches_done` batches (counted
+        from the epoch's start, as `micro_batches` counts them) and the step they end."""
+        if self._dealt is None:
+            return self.world_size * min(batches_done * self.batch_size, self.samples_per_rank)
+        steps = math.ceil((batches_done - self.start_batch) / self.accum_steps)
+        return self._rows_before + min(steps * self.world_size * self.batch_size * self.accum_steps, self._rows_left)
 
     def __len__(self) -> int:
-        """Batches per epoch on every rank, including any skipped by `set_epoch(..., start_batch)`."""
+        """Batches of this epoch on every rank, including any skipped by `set_epoch(..., start_batch)` or
+        `resume_epoch`."""
+        if self._dealt is not None:
+            return self.start_batch + len(self._dealt)
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        if self._dealt is not None:
+            yield from self._dealt
+            return
         rows = self.epoch_rows(self.epoch)
         order = self.batch_order()
         for position in range(self.start_batch, self.batches_per_epoch):
