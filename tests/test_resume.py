@@ -22,14 +22,15 @@ CONFIG = REPO / "configs" / "digits.yaml"
 EVERYTHING = {"train.epochs": 4, "train.batch_size": 4, "train.accum_steps": 5, "amp.enabled": "true",
               "swa.enabled": "true", "swa.start": 2, "data.num_workers": 1, "data.random_crop_padding": 1,
               "data.horizontal_flip": "true"}
-STEPS_PER_EPOCH = {1: 5, 2: 3, 3: 2, 4: 2}  # ceil(24 / world micro-batches / 5)
+STEPS_PER_EPOCH = {3: 2, 4: 2}  # ceil(24 / world micro-batches / 5)
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-# 3 and 4 processes as well as 1 and 2: with two ranks a + b == b + a hides a change of summation order (a fresh
-# DDP's first bucket layout, issue 18). fp16 starts at a loss scale that overflows, so the GradScaler skips steps
-# and its scale and growth tracker are part of what must resume.
-@pytest.mark.parametrize("nproc, dtype", [(1, "fp16"), (3, "bf16"), (4, "fp16")])
+# 3 and 4 processes: with two ranks a + b == b + a hides a change of summation order (a fresh DDP's first bucket
+# layout, issue 18); one process and two are resumed in tests/test_fault_tolerance.py. fp16 starts at a loss
+# scale that overflows, so the GradScaler skips steps and its scale and growth tracker are part of what must
+# resume.
+@pytest.mark.parametrize("nproc, dtype", [(3, "bf16"), (4, "fp16")])
 def test_verify_resume_is_bit_identical(tiny_h5, tmp_path, nproc, dtype):
     overrides = tiny_overrides(tiny_h5, tmp_path, f"exact{nproc}{dtype}", **EVERYTHING,
                                **{"amp.dtype": dtype, "amp.init_scale": 2.0 ** 24})
@@ -49,22 +50,22 @@ def test_verify_resume_is_bit_identical(tiny_h5, tmp_path, nproc, dtype):
 
 def test_verify_resume_across_world_sizes_is_within_its_tolerance(tiny_h5, tmp_path):
     # 3 x 4 x 2 = 24 rows per step, 4 steps per epoch; the resumed part goes on from step 5 on 2 processes,
-    # where accum_steps 3 keeps 24, with SWA from epoch 2 and a loader worker. In fp32 the states differed by
+    # where accum_steps 3 keeps 24, with SWA from epoch 1 and a loader worker. In fp32 the states differed by
     # 1.2e-7 at most; with bf16 autocast by 3e-2, as weights rounded to bf16 turn such differences into flips of
     # a bf16 rounding, so autocast stays off here (docs/checkpoints.md).
-    settings = {"train.epochs": 3, "train.batch_size": 4, "train.accum_steps": 2, "swa.enabled": "true",
-                "swa.start": 2, "data.num_workers": 1}
+    settings = {"train.epochs": 2, "train.batch_size": 4, "train.accum_steps": 2, "swa.enabled": "true",
+                "swa.start": 1, "data.num_workers": 1}
     command = [sys.executable, "-m", "ddp_kit.cli", "verify-resume", "--config", str(CONFIG), "--nproc", "3",
                "--resume-nproc", "2", "--stop-after", "5", "--timeout", "240",
                *tiny_overrides(tiny_h5, tmp_path, "across", **settings)]
     out = run(command, timeout=600).stdout
     report = json.loads(out[out.rindex("{\n"):])
     assert "the resumed part runs on 2 process(es) with train.accum_steps=3" in out
-    assert (report["final_step"], report["nproc"], report["resume_nproc"]) == (12, 3, 2)
+    assert (report["final_step"], report["nproc"], report["resume_nproc"]) == (8, 3, 2)
     assert report["resume_overrides"] == ["train.accum_steps=3"] and report["left_out"] == list(BN_BUFFERS)
     assert report["differences"] == [] and (report["rtol"], report["atol"]) == (1e-4, 1e-5), report
     resumed = final_state(tmp_path / "across-verify-resumed")
-    assert resumed["step"] == 12 and resumed["swa_n_averaged"] == 1 and resumed["world_size"] == 2
+    assert resumed["step"] == 8 and resumed["swa_n_averaged"] == 1 and resumed["world_size"] == 2
 
 
 def _steps_rows(entries: dict, epoch: int) -> dict[int, list[int]]:
@@ -87,11 +88,6 @@ def test_resume_across_world_sizes_keeps_each_step_s_rows_and_ends_at_the_uninte
     run(train_command(4, CONFIG, tiny_overrides(data, tmp_path, "whole", **record)))
     overrides = tiny_overrides(data, tmp_path, "changed", **record)
     run(train_command(4, CONFIG, [*overrides, layouts[4], "train.max_steps=3"]))
-    refused = run(train_command(2, CONFIG, overrides), check=False)
-    assert refused.returncode != 0 and ("took 4 process(es) x train.batch_size 8 x train.accum_steps 1 = 32 samples "
-                                        "per optimizer step, this one would take 2 process(es) x train.batch_size 8 "
-                                        "x train.accum_steps 1 = 16. On 2 process(es) train.accum_steps=2 or "
-                                        "train.batch_size=16 keeps 32") in refused.stdout
     out = run(train_command(2, CONFIG, [*overrides, layouts[2], "train.max_steps=6"])).stdout
     assert "at epoch 0, step 3 (96 of the epoch's rows done" in out
     run(train_command(1, CONFIG, [*overrides, layouts[1]]))
