@@ -37,7 +37,8 @@ def _evaluate(nproc: int, checkpoint: Path, overrides: list[str]) -> dict:
 
 def test_python_api_trains_a_user_model_and_objective_and_keeps_the_best_by_its_metric(tiny_h5, tmp_path):
     overrides = tiny_overrides(tiny_h5, tmp_path, "api", **BEST_AUTO, **{"train.epochs": 3, "optim.lr": 0.1,
-                                                                         "checkpoint.keep_last": 1})
+                                                                         "checkpoint.keep_last": 1,
+                                                                         "data.num_workers": 1})
     run(torchrun_command(2, str(SCRIPTS / "user_train.py"), str(CONFIG), *overrides), timeout=150, env=USER_ENV)
     records = metrics(tmp_path / "api")
     assert [set(r) >= {"val_margin", "val_hits", "samples_per_s"} for r in records] == [True] * 3
@@ -46,6 +47,8 @@ def test_python_api_trains_a_user_model_and_objective_and_keeps_the_best_by_its_
     assert result["status"] == "completed" and result["val_hits"] == records[-1]["val_hits"] >= 0.9
     # DDP (and the process group its reducer holds) went with train(), not at the interpreter's exit
     assert result["ddp_alive"] == 0
+    # the loader workers forked from a trainer with no HDF5 file open (the probe batch's handle closed)
+    assert result["data_file_descriptors"] == 0
     # keep_last=1 keeps the final checkpoint, the newest periodic one, and the best by the objective's choice:
     # val_hits, max, the earliest on a tie
     steps = [r["step"] for r in records]

@@ -405,6 +405,10 @@ def _build(cfg: Config, rt: Runtime, build_net: Callable[[], nn.Module], objecti
         class_counts={objective.target: cfg.model.num_classes} if classes else None,
         image_channels=cfg.model.in_channels if builtin_model else None, datasets=datasets,
         stats_rows=cfg.swa.bn_rows)
+    # Workers fork now, before this process opens the data or starts threads of its own (TensorBoard's writer,
+    # DDP's): a fork that lands while another thread holds a lock leaves the child blocked on it for good,
+    # which showed as a rank stuck in its first validation, whose workers used to fork mid-run.
+    data.start_workers(loaders.train, loaders.val, *([loaders.train_eval] if cfg.swa.enabled else []))
     distributed.seed_everything(cfg.run.seed)
     net = build_net()
     if not isinstance(net, nn.Module):
@@ -415,7 +419,10 @@ def _build(cfg: Config, rt: Runtime, build_net: Callable[[], nn.Module], objecti
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if cfg.model.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    probe_batch = loaders.train_eval.dataset[range(min(cfg.train.batch_size, loaders.train_size))]
+    probe_dataset = loaders.train_eval.dataset
+    probe_batch = probe_dataset[range(min(cfg.train.batch_size, loaders.train_size))]
+    if isinstance(probe_dataset, data.H5Dataset):
+        probe_dataset.close()  # the loader workers fork from this process: HDF5 must have no file open in it then
     return loaders, net, _probe(net, objective, probe_batch, eval_batch, autocast, cfg.model.inputs)
 
 

@@ -172,9 +172,9 @@ def verify_resume(config: str | Path, overrides: list[str], *, nproc: int | None
     if across:
         print(f"verify-resume: the resumed part runs on {resume_nproc} process(es) with {' '.join(resume_overrides)}, "
               f"the same global batch; gradients are then summed in another order, so the states are compared "
-              f"within rtol={rtol} atol={atol}, BatchNorm running statistics (rank 0's own rows) left out. Random "
-              f"augmentation and dropout draw from per-rank streams, which another world size seeds afresh: with "
-              f"them on, expect larger differences (docs/checkpoints.md)", flush=True)
+              f"within rtol={rtol} atol={atol}, BatchNorm running statistics (rank 0's own rows) left out. "
+              f"Device-side augmentation and dropout draw per rank, and another world size seeds them afresh: "
+              f"with them on, expect larger differences (docs/checkpoints.md)", flush=True)
         if base.amp.enabled:
             print(f"verify-resume: with {base.amp.dtype} autocast, weights rounded to {base.amp.dtype} turn those "
                   f"rounding differences into larger ones within a few steps; amp.enabled=false checks resume "

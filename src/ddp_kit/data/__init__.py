@@ -5,6 +5,7 @@ augmentation.
 The training loop needs only:
     prepare_data(cfg)          every process, before the process group: create the demo file, validate
     build_dataloaders(cfg,...) this rank's Loaders (DataLoaders yielding batches (fields: dict, row_ids))
+    start_workers(*loaders)    fork the loaders' persistent workers before the process starts other threads
     train_batches_per_epoch(cfg, ...) how many training batches each rank gets per epoch, without loaders
     prepare_batch(batch, device, cfg, train=..., batch_transform=loaders.batch_transform,
                   augment_seed=draw_seed(seed, epoch, micro, rank))   -> (fields on the device, row ids)
@@ -18,7 +19,7 @@ from ddp_kit.data.device import prepare_batch, prepare_images
 from ddp_kit.data.errors import DataError
 from ddp_kit.data.hdf5 import FieldInfo, SplitInfo, describe_split
 from ddp_kit.data.inspection import inspect_h5
-from ddp_kit.data.loader import Loaders, build_dataloaders, train_batches_per_epoch
+from ddp_kit.data.loader import Loaders, build_dataloaders, start_workers, train_batches_per_epoch
 from ddp_kit.data.prepare import create_once, prepare_data
 from ddp_kit.data.sampler import ShardBatchSampler, TrainBatchSampler
 from ddp_kit.data.seeding import draw_seed, seeded
@@ -47,6 +48,7 @@ __all__ = [
     "prepare_data",
     "register_cli",
     "seeded",
+    "start_workers",
     "train_batches_per_epoch",
     "write_digits",
     "write_fields",

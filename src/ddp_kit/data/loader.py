@@ -194,6 +194,15 @@ def train_batches_per_epoch(cfg: DataConfig, *, batch_size: int, world_size: int
                               batch_size=batch_size, rank=0, world_size=world_size, seed=0))
 
 
+def start_workers(*loaders: DataLoader) -> None:
+    """Fork the persistent workers of `loaders` now; each loader keeps this first iterator, and the next
+    `iter` restarts it from its sampler's state then (batches prefetched before are dropped). Loaders without
+    persistent workers start theirs at each iteration."""
+    for loader in loaders:
+        if loader.num_workers and loader.persistent_workers:
+            iter(loader)
+
+
 def build_dataloaders(cfg: DataConfig, *, batch_size: int, val_batch_size: int, rank: int, world_size: int,
                       seed: int, device: torch.device, accum_steps: int = 1,
                       class_counts: Optional[Mapping[str, int]] = None,
