@@ -97,3 +97,21 @@ def test_step_counts_from_the_file_metadata(tiny_h5, tmp_path, world, batch, acc
         "train.max_steps": max_steps}))
     steps = step_counts(cfg.train, train_batches_per_epoch(cfg.data, batch_size=batch, world_size=world))
     assert (steps.micro_per_epoch, steps.per_epoch, steps.total, steps.final) == expected
+
+
+def test_states_compare_exactly_or_within_a_tolerance_leaving_out_what_is_asked():
+    from ddp_kit.verify import RANK0_STATISTICS, compare_states, max_difference
+
+    a = {"model": {"w": torch.tensor([1.0, 2.0]), "bn.running_mean": torch.zeros(2)}, "step": 8,
+         "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}}}}
+    b = {"model": {"w": torch.tensor([1.0, 2.0 + 1e-6]), "bn.running_mean": torch.ones(2)}, "step": 8,
+         "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}, 1: {"momentum_buffer": torch.ones(1)}}}}
+    assert compare_states(a, a) == []
+    assert compare_states(a, b) == ["model.bn.running_mean: max abs difference 1",
+                                    "model.w: max abs difference 9.54e-07",
+                                    "optimizer.state.1.momentum_buffer: only in one run"]
+    within = compare_states(a, b, tolerance=(1e-4, 1e-5), left_out=RANK0_STATISTICS)
+    assert within == ["optimizer.state.1.momentum_buffer: only in one run"]
+    assert compare_states(a, {**a, "step": 9}, tolerance=(1e-4, 1e-5)) == ["step: 8 != 9"]  # counts stay exact
+    assert max_difference(a, b) == 1.0
+    assert max_difference(a, b, left_out=RANK0_STATISTICS) == pytest.approx(9.54e-7, rel=1e-2)

@@ -84,40 +84,44 @@ def _same(a, b, tolerance: tuple[float, float] | None) -> bool:
     return type(a) is type(b) and a == b
 
 
+_MISSING = object()
+
+
+def _leaf_pairs(a: dict, b: dict, keys, left_out: tuple[str, ...]):
+    """(name, leaf of a, leaf of b) over both checkpoints' leaves under `keys`, _MISSING on the side that lacks
+    one; names ending with one of `left_out` skipped."""
+    for key in keys:
+        left, right = dict(_leaves(a.get(key), key)), dict(_leaves(b.get(key), key))
+        for name in sorted(left.keys() | right.keys()):
+            if not name.endswith(left_out):
+                yield name, left.get(name, _MISSING), right.get(name, _MISSING)
+
+
+def _comparable_tensors(x, y) -> bool:
+    return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+
+
 def compare_states(a: dict, b: dict, keys=TRAINING_STATE, tolerance: tuple[float, float] | None = None,
                    left_out: tuple[str, ...] = ()) -> list[str]:
     """Names of the leaves (tensors or values) that differ, or exist on one side only, between two checkpoints,
     with by how much. With `tolerance` (rtol, atol) floating-point tensors may differ within it; leaves whose
     name ends with one of `left_out` are not compared."""
     differences = []
-    for key in keys:
-        left, right = dict(_leaves(a.get(key), key)), dict(_leaves(b.get(key), key))
-        for name in sorted(left.keys() | right.keys()):
-            if name.endswith(left_out):
-                continue
-            if name not in left or name not in right:
-                differences.append(f"{name}: only in one run")
-            elif not _same(left[name], right[name], tolerance):
-                x, y = left[name], right[name]
-                if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape:
-                    diff = (x.double() - y.double()).abs().max().item()
-                    differences.append(f"{name}: max abs difference {diff:.3g}")
-                else:
-                    differences.append(f"{name}: {x!r} != {y!r}")
+    for name, x, y in _leaf_pairs(a, b, keys, left_out):
+        if x is _MISSING or y is _MISSING:
+            differences.append(f"{name}: only in one run")
+        elif not _same(x, y, tolerance):
+            if _comparable_tensors(x, y):
+                differences.append(f"{name}: max abs difference {(x.double() - y.double()).abs().max().item():.3g}")
+            else:
+                differences.append(f"{name}: {x!r} != {y!r}")
     return differences
 
 
 def max_difference(a: dict, b: dict, keys=TRAINING_STATE, left_out: tuple[str, ...] = ()) -> float:
     """The largest absolute difference between two checkpoints' floating-point tensors of one name and shape."""
-    largest = 0.0
-    for key in keys:
-        right = dict(_leaves(b.get(key), key))
-        for name, x in _leaves(a.get(key), key):
-            y = right.get(name)
-            if (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point()
-                    and x.shape == y.shape and not name.endswith(left_out)):
-                largest = max(largest, (x.double() - y.double()).abs().max().item() if x.numel() else 0.0)
-    return largest
+    return max(((x.double() - y.double()).abs().max().item() for _, x, y in _leaf_pairs(a, b, keys, left_out)
+                if _comparable_tensors(x, y) and x.is_floating_point() and x.numel()), default=0.0)
 
 
 def _resume_overrides(base: Config, nproc: int, resume_nproc: int) -> list[str]:
