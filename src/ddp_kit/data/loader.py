@@ -34,7 +34,7 @@ from ddp_kit.preemption import protect_dataloader_worker
 class Loaders:
     train: DataLoader  # yields (fields, row_ids) batches; len() is the same on every rank
     val: DataLoader  # this rank's disjoint shard of the validation split, unpadded
-    train_sampler: TrainBatchSampler  # call set_epoch(epoch, start_batch=0) before every epoch
+    train_sampler: TrainBatchSampler  # call set_epoch(epoch), or resume_epoch for an interrupted one, every epoch
     train_size: int  # rows in the training split (before padding or drop_last)
     val_size: int  # rows in the validation split (the sum over ranks of the rows evaluated)
     train_eval: DataLoader  # the training split (its first `stats_rows`) sharded like `val`: statistics passes
