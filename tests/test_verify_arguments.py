@@ -69,6 +69,9 @@ def test_an_error_line_reaches_the_shared_stream_in_one_write(monkeypatch, tiny_
         def flush(self):
             pass
 
+        def fileno(self):  # torchrun's error handler installs its fault handler on the real stream
+            return sys.__stderr__.fileno()
+
     monkeypatch.setattr(sys, "stderr", Recorder())
     code = cli.main(["verify-resume", "--config", str(CONFIG), "--nproc", "0", *tiny_overrides(tiny_h5, tmp_path)])
     assert code == 1 and writes == ["ddp-kit: error: --nproc=0: must be >= 1\n"]
