@@ -121,7 +121,7 @@ def resume_position(checkpoint: dict, cfg: Config, rt: Runtime) -> Position:
     """Where the run that wrote `checkpoint` stood, and the layout whose step order its epochs follow (None when
     this run's global batch is another: train.allow_global_batch_change)."""
     order = EpochLayout(**checkpoint["step_order"]) if checkpoint.get("step_order") else saved_layout(checkpoint)
-    if order.global_batch != cfg.train.batch_size * cfg.train.accum_steps * rt.world_size:
+    if order.global_batch != run_layout(cfg, rt).global_batch:
         order = None
     if not checkpoint["batches_in_epoch"]:
         return Position(checkpoint["epoch"], checkpoint["step"], step_order=order)
@@ -129,6 +129,11 @@ def resume_position(checkpoint: dict, cfg: Config, rt: Runtime) -> Position:
     return Position(checkpoint["epoch"], checkpoint["step"], checkpoint["batches_in_epoch"],
                     EpochLayout(**layout) if layout else saved_layout(checkpoint), checkpoint.get("rows_in_epoch"),
                     order)
+
+
+def run_layout(cfg: Config, rt: Runtime) -> EpochLayout:
+    """The layout of this run."""
+    return EpochLayout(rt.world_size, cfg.train.batch_size, cfg.train.accum_steps, cfg.data.num_workers)
 
 
 def saved_layout(checkpoint: dict) -> EpochLayout:
@@ -148,7 +153,7 @@ def check_resumable(checkpoint: dict, cfg: Config, rt: Runtime, path: Path) -> N
     """Refuse a checkpoint that cannot continue this run, saying which settings differ and what to do."""
     saved_config, current_config = checkpoint["config"], to_dict(cfg)
     saved = saved_layout(checkpoint)
-    now = EpochLayout(rt.world_size, cfg.train.batch_size, cfg.train.accum_steps, cfg.data.num_workers)
+    now = run_layout(cfg, rt)
     if saved.global_batch != now.global_batch and not cfg.train.allow_global_batch_change:
         raise ResumeError(
             f"cannot resume {path} with another global batch: the checkpoint's run took {_global_batch(saved)} "

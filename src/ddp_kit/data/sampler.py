@@ -69,6 +69,12 @@ def _samples_per_rank(num_rows: int, world_size: int, batch_size: int, drop_last
     return math.ceil(num_rows / world_size)
 
 
+def _rows_done_natively(num_rows: int, layout: EpochLayout, drop_last: bool, batches_done: int) -> int:
+    """The rows of an epoch dealt by `layout` itself that every rank's first `batches_done` batches hold."""
+    return layout.world_size * min(batches_done * layout.batch_size,
+                                   _samples_per_rank(num_rows, layout.world_size, layout.batch_size, drop_last))
+
+
 class TrainBatchSampler:
     """This rank's training batches for the epoch set with `set_epoch` or `resume_epoch` (call one every epoch)."""
 
@@ -138,8 +144,7 @@ class TrainBatchSampler:
         (None: after `batches_done` batches per rank of `origin`). Returns the index of the first batch this
         rank yields, counted as `micro_batches` counts them: a multiple of accum_steps."""
         if rows_done is None:
-            rows_done = origin.world_size * min(batches_done * origin.batch_size, _samples_per_rank(
-                self.num_rows, origin.world_size, origin.batch_size, self.drop_last))
+            rows_done = _rows_done_natively(self.num_rows, origin, self.drop_last, batches_done)
         step_rows = self.world_size * self.batch_size
         if self._own_steps(origin) and (rows_done % step_rows == 0
                                         or rows_done == self.world_size * self.samples_per_rank):
@@ -221,7 +226,7 @@ class TrainBatchSampler:
         """The epoch's rows done, along its step order, once every rank has done `batches_done` batches (counted
         from the epoch's start, as `micro_batches` counts them) and the step they end."""
         if self._dealt is None:
-            return self.world_size * min(batches_done * self.batch_size, self.samples_per_rank)
+            return _rows_done_natively(self.num_rows, self.epoch_layout, self.drop_last, batches_done)
         steps = math.ceil((batches_done - self.start_batch) / self.accum_steps)
         return self._rows_before + min(steps * self.world_size * self.batch_size * self.accum_steps, self._rows_left)
 
